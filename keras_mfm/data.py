@@ -1,0 +1,361 @@
+"""Data input: image folders, .tar.gz archives of them and TFDS, as `tf.data` pipelines.
+
+`tf.data` feeds every Keras backend (`model.fit` converts its batches), so this is the one module
+of the library that uses TensorFlow directly.
+
+Data specs (the `--data` argument):
+
+- an image-folder root holding `train/` and `test/`, one sub-folder per class (the standard
+  layout; class index = position of the folder name in sorted order);
+- a `.tar.gz` (or `.tgz`/`.tar`) of such a folder, extracted once into a cache folder
+  (`$KERAS_MFM_CACHE`, default `~/.cache/keras_mfm`), wherever inside the archive the root is;
+- `tfds:NAME` for a TensorFlow Datasets data set (downloaded by TFDS if it can be).
+
+Images come out as float32 in [0, 1], NHWC; normalisation is the encoder's job.
+"""
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Bad `--data`: missing, empty or malformed; the message says what to fix."""
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+# -- locating the data ---------------------------------------------------------------------------
+def cache_dir():
+    return os.path.expanduser(os.environ.get("KERAS_MFM_CACHE", "~/.cache/keras_mfm"))
+
+
+def _file_digest(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_root(folder, depth=3):
+    """The folder (at most `depth` levels down) that holds a `train/` sub-folder."""
+    if os.path.isdir(os.path.join(folder, "train")):
+        return folder
+    if depth == 0:
+        return None
+    for name in sorted(os.listdir(folder)):
+        child = os.path.join(folder, name)
+        if os.path.isdir(child) and not name.startswith("."):
+            found = _find_root(child, depth - 1)
+            if found:
+                return found
+    return None
+
+
+def extract_archive(path, destination=None):
+    """Extracts an image-folder archive once (atomically) and returns the folder holding `train/`."""
+    destination = destination or os.path.join(cache_dir(), "datasets")
+    name = os.path.basename(path).split(".")[0]
+    target = os.path.join(destination, f"{name}-{_file_digest(path)[:16]}")
+    if not os.path.isdir(target):
+        os.makedirs(destination, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".extract-", dir=destination)
+        try:
+            with tarfile.open(path) as archive:
+                archive.extractall(staging, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"Cannot extract {path}: {error} (corrupt or not a tar archive?)") from error
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process won the race: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    root = _find_root(target)
+    if root is None:
+        raise DataError(f"The archive {path} holds no image folder with a train/ sub-folder.")
+    return root
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where the images are: an image-folder `root` or a TFDS `tfds_name`."""
+
+    spec: str
+    root: str = None
+    tfds_name: str = None
+
+
+def resolve_data(spec):
+    """`--data` string -> `DataSource` (extracting an archive if needed). Raises `DataError`."""
+    if spec is None or str(spec).strip() == "":
+        raise DataError("No data given: pass --data with an image folder, a .tar.gz of one or tfds:NAME.")
+    spec = str(spec)
+    if spec.startswith("tfds:"):
+        name = spec[len("tfds:"):]
+        if not name:
+            raise DataError("`tfds:` needs a data set name, e.g. tfds:cifar10.")
+        return DataSource(spec=spec, tfds_name=name)
+    path = os.path.abspath(os.path.expanduser(spec))
+    if not os.path.exists(path):
+        raise DataError(f"Data path {spec} does not exist.")
+    if os.path.isfile(path):
+        if not path.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"Data file {spec} is not a .tar.gz/.tgz/.tar archive of an image folder.")
+        return DataSource(spec=spec, root=extract_archive(path))
+    root = _find_root(path, depth=1)
+    if root is None:
+        raise DataError(
+            f"Data folder {spec} has no train/ sub-folder: expected <root>/train/<class>/<image> "
+            "(and <root>/test/<class>/<image> for evaluation)."
+        )
+    return DataSource(spec=spec, root=root)
+
+
+def list_image_folder(split_dir):
+    """`split_dir/<class>/<image>` -> (paths, labels, class_names), sorted. Raises `DataError`."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"Missing data folder {split_dir}.")
+    class_names = sorted(
+        name for name in os.listdir(split_dir)
+        if os.path.isdir(os.path.join(split_dir, name)) and not name.startswith(".")
+    )
+    if not class_names:
+        raise DataError(f"Data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>).")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(split_dir, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths.extend(os.path.join(folder, f) for f in files)
+        labels.extend([label] * len(files))
+    if not paths:
+        raise DataError(f"Data folder {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return paths, np.asarray(labels, dtype="int32"), class_names
+
+
+# -- TFDS ----------------------------------------------------------------------------------------
+def _network_reachable(host="storage.googleapis.com", timeout=3.0):
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def _tfds_split(source, split, timeout=120.0):
+    import tensorflow_datasets as tfds
+
+    name = source.tfds_name
+    hint = "pass --data with an image folder or a .tar.gz of one (e.g. --data ../shared/data/cifar10-jpeg.tar.gz)"
+    try:
+        builder = tfds.builder(name)
+    except Exception as error:  # unknown name, bad version...
+        raise DataError(f"Unknown TFDS data set {name!r} ({error}); {hint}.") from error
+    if not builder.is_prepared():
+        if not _network_reachable():
+            raise DataError(f"TFDS data set {name!r} is not on this machine and cannot be downloaded (no network); {hint}.")
+        failure = []
+
+        def prepare():
+            try:
+                builder.download_and_prepare()
+            except Exception as error:  # noqa: BLE001 - reported below
+                failure.append(error)
+
+        worker = threading.Thread(target=prepare, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive() or failure:
+            reason = failure[0] if failure else f"no result after {timeout:.0f} s"
+            raise DataError(f"Cannot download TFDS data set {name!r}: {reason}; {hint}.")
+    splits = builder.info.splits
+    if split == "test" and "test" not in splits:
+        split = "validation"
+    if split not in splits:
+        raise DataError(f"TFDS data set {name!r} has no {split!r} split (it has {sorted(splits)}).")
+    dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    features = builder.info.features
+    class_names = list(features["label"].names) if "label" in features else []
+    return dataset, int(splits[split].num_examples), class_names
+
+
+# -- pipelines -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Split:
+    """A split as decoded `(image uint8 (h, w, 3), label int32, index int64)` elements."""
+
+    dataset: object
+    num_examples: int
+    class_names: list
+
+
+def load_split(source, split="train"):
+    """One split of a `DataSource` (or spec string) as a `Split` of decoded images, unbatched."""
+    tf = _tf()
+    if isinstance(source, str):
+        source = resolve_data(source)
+    if split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+    if source.tfds_name:
+        dataset, count, class_names = _tfds_split(source, split)
+        dataset = dataset.enumerate().map(
+            lambda index, item: (_to_rgb(item[0]), tf.cast(item[1], "int32"), index),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        return Split(dataset, count, class_names)
+    paths, labels, class_names = list_image_folder(os.path.join(source.root, split))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (paths, labels, np.arange(len(paths), dtype="int64"))
+    )
+
+    def decode(path, label, index):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return _to_rgb(image), label, index
+
+    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return Split(dataset, len(paths), class_names)
+
+
+def _to_rgb(image):
+    tf = _tf()
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank == 2:
+        image = image[:, :, None]
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] is None or image.shape[-1] > 3:
+        image = image[:, :, :3]
+    return tf.ensure_shape(tf.cast(image, "uint8"), (None, None, 3))
+
+
+def random_resized_crop(image, size, seed, scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    """Inception-style crop (area in `scale` of the image, aspect in `ratio`), resized to `size`.
+
+    Stateless: the `seed` (int32/int64 `[2]`) fixes the crop. Returns the float32 image in [0, 1]
+    and the crop box `(y0, x0, y1, x1)` as fractions of the source image (for FAMT's importance
+    maps, which must follow the crop).
+    """
+    tf = _tf()
+    shape = tf.shape(image)
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.zeros((1, 0, 4)),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, extent)
+    resized = tf.image.resize(tf.cast(crop, "float32") / 255.0, size, method="bilinear", antialias=True)
+    height, width = tf.cast(shape[0], "float32"), tf.cast(shape[1], "float32")
+    y0, x0 = tf.cast(begin[0], "float32"), tf.cast(begin[1], "float32")
+    box = tf.stack(
+        [y0 / height, x0 / width, (y0 + tf.cast(extent[0], "float32")) / height,
+         (x0 + tf.cast(extent[1], "float32")) / width]
+    )
+    return tf.clip_by_value(resized, 0.0, 1.0), box
+
+
+def resize_image(image, size):
+    """Un-augmented view: the whole image resized to `size`, float32 in [0, 1]."""
+    tf = _tf()
+    image = tf.cast(image, "float32") / 255.0
+    if image.shape[0] == size[0] and image.shape[1] == size[1]:
+        return image
+    return tf.clip_by_value(tf.image.resize(image, size, method="bilinear", antialias=True), 0.0, 1.0)
+
+
+def _size_pair(image_size):
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return tuple(int(s) for s in image_size)
+
+
+def pretraining_dataset(
+    split,
+    image_size,
+    batch_size,
+    seed=0,
+    augment=True,
+    repeat=False,
+    cache=True,
+    shuffle=True,
+    with_labels=False,
+    crop_scale=(0.2, 1.0),
+):
+    """Batched pre-training input: RandomResizedCrop(scale 0.2-1) + horizontal flip.
+
+    Yields `images` `(B, H, W, 3)` float32 in [0, 1] (or `(images, labels)` with `with_labels`),
+    full batches only. Deterministic given `seed`: the crops and flips come from stateless ops fed
+    by `tf.data.Dataset.random(seed)` and the shuffle is seeded (re-shuffled every epoch).
+    `cache` keeps the decoded images in memory (right for CIFAR-sized data).
+    """
+    tf = _tf()
+    size = _size_pair(image_size)
+    if batch_size <= 0:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    if split.num_examples < batch_size:
+        raise DataError(
+            f"The split has {split.num_examples} images, fewer than one batch of {batch_size}."
+        )
+    dataset = split.dataset
+    if cache:
+        dataset = dataset.cache()
+    if shuffle:
+        dataset = dataset.shuffle(
+            min(split.num_examples, 100_000), seed=seed, reshuffle_each_iteration=True
+        )
+    if repeat:
+        dataset = dataset.repeat()
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(3)
+    dataset = tf.data.Dataset.zip((dataset, seeds))
+
+    def transform(item, draw):
+        image, label, _ = item
+        if augment:
+            crop_seed = tf.stack([draw[0], draw[1]])
+            image, _ = random_resized_crop(image, size, crop_seed, scale=crop_scale)
+            flip = tf.random.stateless_uniform((), seed=tf.stack([draw[2], draw[0]])) < 0.5
+            image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+        else:
+            image = resize_image(image, size)
+        image = tf.ensure_shape(image, size + (3,))
+        return (image, label) if with_labels else image
+
+    dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(split, image_size, batch_size, cache=True, limit=None):
+    """Batched, un-augmented `(images, labels)`: each image resized to `image_size`, in order."""
+    tf = _tf()
+    size = _size_pair(image_size)
+    dataset = split.dataset
+    if limit is not None:
+        dataset = dataset.take(limit)
+    dataset = dataset.map(
+        lambda image, label, index: (tf.ensure_shape(resize_image(image, size), size + (3,)), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    if cache:
+        dataset = dataset.cache()
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

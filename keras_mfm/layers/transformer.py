@@ -1,0 +1,144 @@
+"""Pre-norm transformer block with fused-qkv attention (ViT, MAE decoder)."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_mfm")
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Self-attention with one fused qkv projection.
+
+    `(B, T, D) -> (B, T, D)`. The default path calls `keras.ops.dot_product_attention`
+    (the backend's fused kernel); with `return_attention=True` it computes
+    `A = softmax(q k^T / sqrt(d_head))` explicitly in float32 and also returns `A`, shape
+    `(B, heads, T, T)`. Both paths give the same output.
+    """
+
+    def __init__(self, hidden_dim, num_heads, qkv_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` ({num_heads})."
+            )
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.qkv_bias = qkv_bias
+        self.head_dim = hidden_dim // num_heads
+        init = keras.initializers.GlorotUniform()
+        self.qkv = keras.layers.Dense(
+            3 * hidden_dim, use_bias=qkv_bias, kernel_initializer=init, dtype=self.dtype_policy,
+            name="qkv",
+        )
+        self.proj = keras.layers.Dense(
+            hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="proj"
+        )
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.proj.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+        self.built = True
+
+    def call(self, x, return_attention=False):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, heads, d_head)
+        if return_attention:
+            scale = self.head_dim**-0.5
+            scores = ops.einsum(
+                "bqhd,bkhd->bhqk", ops.cast(q, "float32") * scale, ops.cast(k, "float32")
+            )
+            attention = ops.softmax(scores, axis=-1)
+            out = ops.einsum("bhqk,bkhd->bqhd", attention, ops.cast(v, "float32"))
+            out = ops.cast(out, self.compute_dtype)
+        else:
+            out = ops.dot_product_attention(q, k, v)
+        out = self.proj(ops.reshape(out, (batch, length, self.hidden_dim)))
+        if return_attention:
+            return out, attention
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"hidden_dim": self.hidden_dim, "num_heads": self.num_heads, "qkv_bias": self.qkv_bias}
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_mfm")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm block: `x + DropPath(Attn(LN(x)))`, then `x + DropPath(MLP(LN(x)))`.
+
+    `(B, T, D) -> (B, T, D)`; MLP is Dense(mlp_ratio * D) -> GELU (exact) -> Dense(D).
+    Drop path (stochastic depth) drops the residual branch per sample (a `Dropout` whose noise is
+    shared over tokens and channels).
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        policy = self.dtype_policy
+        init = keras.initializers.GlorotUniform()
+        self.norm1 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
+        )
+        self.attention = MultiHeadSelfAttention(
+            hidden_dim, num_heads, qkv_bias, dtype=policy, name="attention"
+        )
+        self.norm2 = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
+        )
+        self.fc1 = keras.layers.Dense(
+            int(hidden_dim * mlp_ratio), kernel_initializer=init, dtype=policy, name="fc1"
+        )
+        self.fc2 = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=policy, name="fc2")
+        self.drop_path = keras.layers.Dropout(
+            drop_path_rate, noise_shape=(None, 1, 1), dtype=policy, name="drop_path"
+        )
+
+    def build(self, input_shape):
+        self.norm1.build(input_shape)
+        self.attention.build(input_shape)
+        self.norm2.build(input_shape)
+        self.fc1.build(input_shape)
+        self.fc2.build(tuple(input_shape[:-1]) + (int(self.hidden_dim * self.mlp_ratio),))
+        self.built = True
+
+    def call(self, x, return_attention=False, training=None):
+        attended = self.attention(self.norm1(x), return_attention=return_attention)
+        if return_attention:
+            attended, attention = attended
+        x = x + self.drop_path(attended, training=training)
+        hidden = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
+        x = x + self.drop_path(hidden, training=training)
+        if return_attention:
+            return x, attention
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio,
+                "qkv_bias": self.qkv_bias,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config

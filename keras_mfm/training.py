@@ -1,0 +1,298 @@
+"""Pre-training runs: data -> model -> `model.fit` -> encoder, checkpoints, history.
+
+`PretrainConfig` holds every setting of a run (what `train.py` exposes as flags);
+`pretrain(config)` performs it and writes into `config.output`:
+
+- `encoder.keras`: the encoder alone (`keras.saving.load_model` on any backend, after
+  `import keras_mfm`); it takes NHWC images in [0, 1];
+- `config.json`: the run's settings, backend, data and timing;
+- `history.csv`: per-epoch loss, learning rate, seconds and images/s;
+- `checkpoint.keras` + `checkpoint.json`: the whole model with its optimizer state, written
+  atomically after every epoch; `resume=True` continues from it.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_mfm import backbones, data, methods, optimization
+
+CHECKPOINT = "checkpoint.keras"
+CHECKPOINT_STATE = "checkpoint.json"
+ENCODER = "encoder.keras"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, or a checkpoint that cannot be used)."""
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Settings of one pre-training run (defaults: a few minutes on a laptop CPU)."""
+
+    method: str = "mfm"
+    backbone: str = "vit_tiny"
+    image_size: int = 32
+    patch_size: int = 4
+    depth: int = None  # override of the preset's number of blocks (ViT)
+    data: str = "tfds:cifar10"
+    epochs: int = 1
+    steps_per_epoch: int = None  # None: one pass over the training split per epoch
+    batch_size: int = 128
+    base_lr: float = 3e-4  # per 512 images
+    lr: float = None  # absolute; overrides base_lr * batch / 512
+    min_lr: float = 2.5e-6
+    warmup_epochs: float = None  # None: 1/15 of the epochs (20 of 300)
+    weight_decay: float = 0.05
+    clip_norm: float = 3.0
+    radius: float = None  # None: 16 / 224 * image size
+    p_low: float = None  # None: 0.5 for ViT, 0.3 for ResNet-50
+    masked_loss: bool = True
+    gamma: float = 1.0
+    seed: int = 0
+    output: str = "runs/mfm"
+    jit_compile: str = "auto"
+    verbose: int = 1
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def build_encoder(config):
+    overrides = {} if config.depth is None else {"depth": config.depth}
+    patch = config.patch_size if config.backbone.startswith("vit") else None
+    if config.backbone not in backbones.BACKBONE_PRESETS:
+        raise ValueError(
+            f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
+        )
+    return backbones.get_backbone(config.backbone, config.image_size, patch_size=patch, **overrides)
+
+
+def build_model(config):
+    """The pre-training model of `config` (built, not compiled)."""
+    if config.method not in methods.available_methods():
+        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(methods.available_methods())}.")
+    encoder = build_encoder(config)
+    model = methods.build_method(
+        config.method,
+        encoder,
+        radius=config.radius,
+        p_low=config.p_low,
+        masked_loss=config.masked_loss,
+        gamma=config.gamma,
+        seed=config.seed,
+    )
+    model.build((None, *encoder.image_size, 3))
+    return model
+
+
+def validate(config):
+    """Cheap checks before any data is read, so a typo fails in a second with a clear message."""
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
+    if config.method not in methods.available_methods():
+        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(methods.available_methods())}.")
+    if config.backbone not in backbones.BACKBONE_PRESETS:
+        raise ValueError(
+            f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
+        )
+    if config.backbone.startswith("vit") and config.image_size % config.patch_size:
+        raise ValueError(
+            f"Image size {config.image_size} is not divisible by the patch size {config.patch_size}."
+        )
+
+
+# -- callbacks -----------------------------------------------------------------------------------
+class EpochStats(keras.callbacks.Callback):
+    """Adds `lr`, `epoch_seconds` and `images_per_second` to the epoch logs (before CSVLogger)."""
+
+    def __init__(self, images_per_epoch):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start
+        if logs is not None:
+            # With a schedule, `optimizer.learning_rate` is its value at the current step.
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["epoch_seconds"] = seconds
+            logs["images_per_second"] = self.images_per_epoch / seconds
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (+ optimizer) to `checkpoint.keras` after each epoch with a finite loss.
+
+    Written to a temporary file and renamed, so a crash never leaves a half-written checkpoint;
+    an epoch whose loss is NaN/inf is not saved, so the last good checkpoint stays.
+    """
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = directory
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or not math.isfinite(float(loss)):
+            return
+        save_atomically(self.model, os.path.join(self.directory, CHECKPOINT))
+        write_json_atomically(
+            os.path.join(self.directory, CHECKPOINT_STATE), {"epochs_done": epoch + 1, "loss": float(loss)}
+        )
+
+
+def save_atomically(model, path):
+    temporary = path[: -len(".keras")] + ".tmp.keras"
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def write_json_atomically(path, values):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(values, handle, indent=2, default=str)
+    os.replace(temporary, path)
+
+
+def load_model_file(path, what="model"):
+    """`keras.saving.load_model(path, safe_mode=True)` with a clear error for a bad file."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"No {what} file at {path}.")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
+        raise TrainingError(
+            f"Cannot load the {what} file {path}: it is corrupt, truncated or not a keras_mfm "
+            f"file ({type(error).__name__}: {str(error)[:200]})."
+        ) from error
+
+
+def _read_history_rows(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- the run -------------------------------------------------------------------------------------
+def pretrain(config):
+    """Runs (or, with `resume`, continues) the pre-training of `config`; returns a summary dict."""
+    return _run(config, resume=False)
+
+
+def resume(output):
+    """Continues the run in `output` from its last checkpoint (its own saved settings)."""
+    path = os.path.join(output, "config.json")
+    if not os.path.isfile(path):
+        raise TrainingError(f"Nothing to resume in {output}: no config.json.")
+    with open(path) as handle:
+        config = PretrainConfig.from_json(json.load(handle)["config"])
+    config.output = output
+    return _run(config, resume=True)
+
+
+def _run(config, resume):
+    validate(config)
+    keras.utils.set_random_seed(config.seed)
+    os.makedirs(config.output, exist_ok=True)
+
+    source = data.resolve_data(config.data)
+    train_split = data.load_split(source, "train")
+    steps = config.steps_per_epoch or train_split.num_examples // config.batch_size
+    if steps < 1:
+        raise data.DataError(
+            f"{train_split.num_examples} training images are fewer than one batch of {config.batch_size}."
+        )
+    total_steps = steps * config.epochs
+
+    initial_epoch = 0
+    checkpoint = os.path.join(config.output, CHECKPOINT)
+    if resume and os.path.isfile(checkpoint):
+        model = load_model_file(checkpoint, "checkpoint")
+        optimization.exclude_from_weight_decay(model, model.optimizer)
+        with open(os.path.join(config.output, CHECKPOINT_STATE)) as handle:
+            initial_epoch = int(json.load(handle)["epochs_done"])
+    else:
+        model = build_model(config)
+        recipe = optimization.Recipe(
+            base_lr=config.base_lr, lr=config.lr, min_lr=config.min_lr,
+            weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+        )
+        warmup_epochs = config.epochs / 15 if config.warmup_epochs is None else config.warmup_epochs
+        optimizer = optimization.build_optimizer(
+            model, recipe, config.batch_size, total_steps, warmup_steps=int(round(warmup_epochs * steps))
+        )
+        model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+
+    # A resumed run sees a different (still seeded) order of crops from its first new epoch on.
+    dataset = data.pretraining_dataset(
+        train_split, config.image_size, config.batch_size, seed=config.seed + initial_epoch,
+        repeat=config.steps_per_epoch is not None,
+    )
+    run_info = {
+        "config": config.to_json(),
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "train_images": train_split.num_examples,
+        "class_names": train_split.class_names,
+        "steps_per_epoch": steps,
+        "learning_rate": model.optimizer.learning_rate.__class__.__name__,
+        "encoder_parameters": int(model.encoder.count_params()),
+    }
+    write_json_atomically(os.path.join(config.output, "config.json"), run_info)
+
+    history_path = os.path.join(config.output, "history.csv")
+    callbacks = [
+        EpochStats(steps * config.batch_size),
+        keras.callbacks.TerminateOnNaN(),
+        AtomicCheckpoint(config.output),
+        keras.callbacks.CSVLogger(history_path, append=resume and initial_epoch > 0),
+    ]
+    start = time.perf_counter()
+    if initial_epoch < config.epochs:
+        history = model.fit(
+            dataset,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=config.verbose,
+        )
+        losses = history.history.get("loss", [])
+        if losses and not math.isfinite(losses[-1]):
+            raise TrainingError(
+                f"The loss became {losses[-1]} in epoch {initial_epoch + len(losses)}; training stopped. "
+                f"The last good checkpoint is {checkpoint}" + ("" if os.path.isfile(checkpoint) else " (none was written yet)")
+                + ". Lower --lr or check the data."
+            )
+    seconds = time.perf_counter() - start
+
+    encoder_path = os.path.join(config.output, ENCODER)
+    save_atomically(model.encoder, encoder_path)
+    rows = _read_history_rows(history_path)
+    run_info.update(
+        {
+            "pretrain_seconds": seconds,
+            "epochs_done": config.epochs,
+            "final_loss": float(rows[-1]["loss"]) if rows else None,
+            "seconds_per_epoch": float(np.median([float(r["epoch_seconds"]) for r in rows])) if rows else None,
+        }
+    )
+    write_json_atomically(os.path.join(config.output, "config.json"), run_info)
+    return {"model": model, "encoder_path": encoder_path, "info": run_info}

@@ -1,0 +1,50 @@
+"""Shared test helpers. The suite runs once per backend: KERAS_BACKEND=tensorflow|jax|torch pytest."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+BACKEND = keras.backend.backend()
+
+
+def value_and_grad(fn, x):
+    """`fn(x) -> scalar`; returns (value, d value / d x) as NumPy, on the current backend."""
+    x = np.asarray(x, dtype="float32")
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = fn(variable)
+        return np.asarray(value), np.asarray(tape.gradient(value, variable))
+    if BACKEND == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(fn)(jax.numpy.asarray(x))
+        return np.asarray(value), np.asarray(grad)
+    import torch
+
+    tensor = torch.tensor(x, requires_grad=True)
+    value = fn(tensor)
+    value.backward()
+    return value.detach().numpy(), tensor.grad.numpy()
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+@pytest.fixture(scope="session")
+def cifar_root():
+    """The real CIFAR-10 image folder, extracted once into the user cache (never into the repo)."""
+    if not os.path.isfile(CIFAR_ARCHIVE):
+        pytest.skip(f"{CIFAR_ARCHIVE} not found")
+    from keras_mfm import data
+
+    return data.resolve_data(CIFAR_ARCHIVE).root

@@ -1,0 +1,158 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_mfm import backbones
+from keras_mfm.layers.position_embedding import sincos_2d
+from keras_mfm.layers.transformer import MultiHeadSelfAttention
+from tests.conftest import to_numpy
+
+
+def small_vit(**kwargs):
+    arguments = dict(image_size=16, patch_size=4, hidden_dim=32, depth=2, num_heads=4)
+    arguments.update(kwargs)
+    return backbones.ViTBackbone(**arguments)
+
+
+def images(n=2, size=16, seed=0):
+    return np.random.default_rng(seed).random((n, size, size, 3)).astype("float32")
+
+
+@pytest.mark.parametrize(
+    "name,width,depth,heads",
+    [("vit_tiny", 192, 12, 3), ("vit_small", 384, 12, 6), ("vit_base", 768, 12, 12)],
+)
+def test_vit_presets(name, width, depth, heads):
+    model = backbones.get_backbone(name, image_size=32, patch_size=8)
+    assert (model.hidden_dim, model.depth, model.num_heads, model.patch_size) == (width, depth, heads, 8)
+    assert model.name == name
+
+
+def test_vit_shapes_and_feature_map():
+    model = small_vit()
+    x = images()
+    tokens = model(x)
+    assert tuple(tokens.shape) == (2, 17, 32)
+    grid = to_numpy(model.feature_map(tokens))
+    assert grid.shape == (2, 4, 4, 32)
+    np.testing.assert_array_equal(grid[:, 1, 2], to_numpy(tokens)[:, 1 + 1 * 4 + 2])
+    assert tuple(model.pooled_features(tokens).shape) == (2, 32)
+    assert tuple(model.pooled_features(tokens, "mean").shape) == (2, 32)
+
+
+def test_vit_token_subset_equals_gathered_patches():
+    """Running on a subset = embedding all patches, then keeping those (per image)."""
+    model = small_vit()
+    x = images(2)
+    indices = np.array([[0, 5, 15], [3, 2, 9]], "int32")
+    subset = to_numpy(model(x, token_indices=indices))
+    assert subset.shape == (2, 4, 32)
+    # independent path: embed, gather with NumPy, run the blocks by hand
+    embedded = to_numpy(model.embed_patches(x))
+    gathered = np.stack([embedded[i, indices[i]] for i in range(2)])
+    tokens = model.prepend_cls(keras.ops.convert_to_tensor(gathered))
+    for block in model.blocks:
+        tokens = block(tokens)
+    np.testing.assert_allclose(subset, to_numpy(model.norm(tokens)), atol=1e-5)
+
+
+def test_vit_attention_path_matches_fused_path():
+    model = small_vit()
+    x = images(2)
+    fused = to_numpy(model(x))
+    tokens, attention = model(x, return_attention=True)
+    np.testing.assert_allclose(to_numpy(tokens), fused, atol=1e-5)
+    attention = to_numpy(attention)
+    assert attention.shape == (2, 4, 17, 17)
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+
+
+def test_attention_matches_numpy_reference():
+    layer = MultiHeadSelfAttention(8, 2)
+    x = np.random.default_rng(1).normal(size=(1, 5, 8)).astype("float32")
+    out, attention = layer(x, return_attention=True)
+    kernel, bias = [to_numpy(w) for w in layer.qkv.weights]
+    qkv = (x @ kernel + bias).reshape(1, 5, 3, 2, 4)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(to_numpy(attention), weights, atol=1e-5)
+    mixed = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(1, 5, 8)
+    proj_kernel, proj_bias = [to_numpy(w) for w in layer.proj.weights]
+    np.testing.assert_allclose(to_numpy(out), mixed @ proj_kernel + proj_bias, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(out), atol=1e-5)
+
+
+def test_sincos_position_embedding_reference():
+    table = sincos_2d(8, (2, 3))
+    assert table.shape == (7, 8)
+    np.testing.assert_array_equal(table[0], 0)
+    # patch (row 1, col 2): first half encodes the column, second half the row; omega = 1, 0.01
+    col = [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02)]
+    row = [np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)]
+    np.testing.assert_allclose(table[1 + 1 * 3 + 2], col + row, atol=1e-6)
+    model = small_vit(position_embedding="sincos")
+    model(images())
+    np.testing.assert_allclose(to_numpy(model.position_embedding)[0], sincos_2d(32, (4, 4)), atol=1e-6)
+    assert not model.position_embedding.trainable
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "sincos"])
+def test_vit_save_load_round_trip(tmp_path, position_embedding):
+    model = small_vit(position_embedding=position_embedding, drop_path_rate=0.1)
+    x = images()
+    before = to_numpy(model(x))
+    path = os.path.join(tmp_path, "vit.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, backbones.ViTBackbone)
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_allclose(to_numpy(loaded(x)), before, atol=1e-6)
+
+
+def test_drop_path_only_in_training():
+    model = small_vit(drop_path_rate=0.5)
+    x = images()
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(model(x)), atol=1e-6)
+    assert not np.allclose(to_numpy(model(x, training=True)), to_numpy(model(x)), atol=1e-4)
+
+
+def test_vit_bad_input():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        backbones.ViTBackbone(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="divisible by `num_heads`"):
+        small_vit(hidden_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="position_embedding"):
+        small_vit(position_embedding="rope")
+    model = small_vit()
+    with pytest.raises(ValueError, match="built for 16x16"):
+        model(images(size=20))
+    with pytest.raises(ValueError, match="NHWC"):
+        model(np.zeros((2, 3, 16, 16), "float32"))
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        backbones.get_backbone("vit_huge")
+    with pytest.raises(ValueError, match="no patch size"):
+        backbones.get_backbone("resnet50", image_size=64, patch_size=16)
+
+
+def test_resnet50_shapes_and_round_trip(tmp_path):
+    model = backbones.get_backbone("resnet50", image_size=64)
+    x = images(2, 64)
+    features = model(x)
+    assert tuple(features.shape) == (2, 2, 2, 2048)
+    assert tuple(model.pooled_features(features).shape) == (2, 2048)
+    assert model.count_params() == 23_587_712  # ResNet-50 without its classifier
+    path = os.path.join(tmp_path, "resnet.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(features), atol=1e-5)
+    with pytest.raises(ValueError, match="output stride 32"):
+        backbones.ResNetBackbone(image_size=48)
+
+
+def test_input_normalisation():
+    model = small_vit(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    np.testing.assert_allclose(to_numpy(model.normalize(np.full((1, 2, 2, 3), 0.75, "float32"))), 1.0)

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Pre-train an encoder with keras_mfm.
+
+    python train.py --data ../shared/data/cifar10-jpeg.tar.gz --epochs 1 --steps-per-epoch 20
+
+Writes OUTPUT/encoder.keras, OUTPUT/config.json, OUTPUT/history.csv and a checkpoint that
+`--resume` continues from. See README.md for the methods and the recipe.
+"""
+
+import argparse
+import os
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Self-supervised pre-training of a ViT or ResNet-50 encoder with keras_mfm "
+        "(Masked Frequency Modeling). Runs on the TensorFlow, JAX or PyTorch backend of Keras 3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", default="mfm", help="pre-training method (mfm: Masked Frequency Modeling)")
+    run.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="Keras backend (sets KERAS_BACKEND before Keras loads; default: $KERAS_BACKEND or tensorflow)")
+    run.add_argument("--data", default=None,
+                     help="image folder with train/ and test/ (one sub-folder per class), a .tar.gz of one, "
+                     "or tfds:NAME (default: tfds:cifar10, which needs the network)")
+    run.add_argument("--output", default="runs/mfm", help="output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --output from its last checkpoint, with its saved settings")
+    run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
+    run.add_argument("--no-jit", action="store_true", help="disable XLA compilation (TensorFlow/JAX)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="vit_tiny", help="vit_tiny | vit_small | vit_base | resnet50")
+    model.add_argument("--image-size", type=int, default=32, help="training image size (square)")
+    model.add_argument("--patch-size", type=int, default=4, help="ViT patch size (the image size must be a multiple)")
+    model.add_argument("--depth", type=int, default=None, help="override the ViT preset's number of blocks")
+
+    mfm = parser.add_argument_group("MFM")
+    mfm.add_argument("--radius", type=float, default=None,
+                     help="mask radius in frequency-index units (default: 16/224 * image size, 2.29 at 32)")
+    mfm.add_argument("--p-low", type=float, default=None,
+                     help="probability of a low-pass mask (default: 0.5 for ViT, 0.3 for ResNet-50)")
+    mfm.add_argument("--full-spectrum-loss", action="store_true",
+                     help="average the frequency loss over the whole spectrum instead of the masked frequencies")
+    mfm.add_argument("--gamma", type=float, default=1.0, help="exponent of the frequency distance")
+
+    optim = parser.add_argument_group("optimisation (AdamW 0.9/0.95, warm-up + cosine, per step)")
+    optim.add_argument("--epochs", type=int, default=1, help="epochs")
+    optim.add_argument("--steps-per-epoch", type=int, default=None,
+                       help="steps per epoch (default: one pass over the training split)")
+    optim.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    optim.add_argument("--base-lr", type=float, default=3e-4, help="learning rate per 512 images (lr = base * batch / 512)")
+    optim.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
+    optim.add_argument("--min-lr", type=float, default=2.5e-6, help="final learning rate of the cosine")
+    optim.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: epochs / 15)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, pos. embedding, [CLS])")
+    optim.add_argument("--clip-norm", type=float, default=3.0, help="global gradient-norm clipping (0: off)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from keras_mfm import data, training  # Keras loads here, after KERAS_BACKEND is set
+
+    try:
+        if args.resume:
+            result = training.resume(args.output)
+        else:
+            config = training.PretrainConfig(
+                method=args.method, backbone=args.backbone, image_size=args.image_size,
+                patch_size=args.patch_size, depth=args.depth, data=args.data or "tfds:cifar10",
+                epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
+                p_low=args.p_low, masked_loss=not args.full_spectrum_loss, gamma=args.gamma,
+                seed=args.seed, output=args.output, jit_compile=False if args.no_jit else "auto",
+                verbose=0 if args.quiet else 1,
+            )
+            result = training.pretrain(config)
+    except (data.DataError, ValueError, training.TrainingError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    info = result["info"]
+    print(
+        f"done: {info['epochs_done']} epoch(s) of {info['config']['method']} on {info['backend']}, "
+        f"final loss {info['final_loss']:.4f}, {info['seconds_per_epoch']:.1f} s/epoch; "
+        f"encoder: {result['encoder_path']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
