@@ -31,6 +31,10 @@ def parse_args(argv=None):
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
+    run.add_argument("--eval", default="knn", help="score the encoder after pre-training: knn (weighted k-NN, "
+                     "k=20, T=0.07, on seeded subsets of the splits) or none")
+    run.add_argument("--eval-train-images", type=int, default=10_000, help="k-NN bank size (0: the whole training split)")
+    run.add_argument("--eval-test-images", type=int, default=2_000, help="k-NN test images (0: the whole test split)")
     run.add_argument("--no-jit", action="store_true", help="disable XLA compilation (TensorFlow/JAX)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -83,7 +87,8 @@ def main(argv=None):
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
                 p_low=args.p_low, masked_loss=not args.full_spectrum_loss, gamma=args.gamma,
                 seed=args.seed, output=args.output, jit_compile=False if args.no_jit else "auto",
-                verbose=0 if args.quiet else 1,
+                verbose=0 if args.quiet else 1, eval=args.eval,
+                eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
             )
             result = training.pretrain(config)
     except (data.DataError, ValueError, training.TrainingError) as error:
@@ -95,6 +100,10 @@ def main(argv=None):
         f"final loss {info['final_loss']:.4f}, {info['seconds_per_epoch']:.1f} s/epoch; "
         f"encoder: {result['encoder_path']}"
     )
+    if "evaluation" in info:
+        e = info["evaluation"]
+        print(f"k-NN top-1: {e['knn_top1']:.2f}% ({e['train_images']} train / {e['test_images']} test images, "
+              f"k={e['k']}, {e['seconds']:.0f} s)")
     return 0
 
 

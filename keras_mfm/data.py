@@ -206,8 +206,12 @@ class Split:
     class_names: list
 
 
-def load_split(source, split="train"):
-    """One split of a `DataSource` (or spec string) as a `Split` of decoded images, unbatched."""
+def load_split(source, split="train", limit=None, seed=0):
+    """One split of a `DataSource` (or spec string) as a `Split` of decoded images, unbatched.
+
+    `limit`: keep a seeded random subset of that many images (in their original order), e.g. for
+    a quick k-NN on CPU; `index` stays the position in the full split.
+    """
     tf = _tf()
     if isinstance(source, str):
         source = resolve_data(source)
@@ -219,11 +223,17 @@ def load_split(source, split="train"):
             lambda index, item: (_to_rgb(item[0]), tf.cast(item[1], "int32"), index),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+        if limit is not None and limit < count:
+            keep = tf.constant(_subset(count, limit, seed))
+            dataset = dataset.filter(lambda image, label, index: tf.reduce_any(tf.equal(keep, index)))
+            count = limit
         return Split(dataset, count, class_names)
     paths, labels, class_names = list_image_folder(os.path.join(source.root, split))
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (paths, labels, np.arange(len(paths), dtype="int64"))
-    )
+    indices = np.arange(len(paths), dtype="int64")
+    if limit is not None and limit < len(paths):
+        indices = _subset(len(paths), limit, seed)
+        paths, labels = [paths[i] for i in indices], labels[indices]
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels, indices))
 
     def decode(path, label, index):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -231,6 +241,12 @@ def load_split(source, split="train"):
 
     dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return Split(dataset, len(paths), class_names)
+
+
+def _subset(count, limit, seed):
+    if limit < 1:
+        raise DataError(f"A subset needs at least one image, got limit={limit}.")
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False)).astype("int64")
 
 
 def _to_rgb(image):
@@ -345,13 +361,11 @@ def pretraining_dataset(
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_dataset(split, image_size, batch_size, cache=True, limit=None):
+def evaluation_dataset(split, image_size, batch_size, cache=True):
     """Batched, un-augmented `(images, labels)`: each image resized to `image_size`, in order."""
     tf = _tf()
     size = _size_pair(image_size)
     dataset = split.dataset
-    if limit is not None:
-        dataset = dataset.take(limit)
     dataset = dataset.map(
         lambda image, label, index: (tf.ensure_shape(resize_image(image, size), size + (3,)), label),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -59,6 +59,9 @@ class PretrainConfig:
     output: str = "runs/mfm"
     jit_compile: str = "auto"
     verbose: int = 1
+    eval: str = "knn"  # score the encoder after pre-training: "knn" or "none"
+    eval_train_images: int = 10_000  # k-NN bank: a seeded random subset of the training split
+    eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -102,6 +105,8 @@ def validate(config):
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
+    if config.eval not in ("knn", "none"):
+        raise ValueError(f"Unknown --eval {config.eval!r}; choose 'knn' or 'none'.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
     if config.method not in methods.available_methods():
@@ -190,6 +195,18 @@ def _read_history_rows(path):
         return list(csv.DictReader(handle))
 
 
+def _truncate_history(path, epochs):
+    """Keep the first `epochs` rows of history.csv (a crashed run may have logged a later one)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.read().splitlines(keepends=True)
+    header, rows = lines[:1], [line for line in lines[1:] if line.strip()]
+    with open(path + ".tmp", "w") as handle:
+        handle.writelines(header + rows[:epochs])
+    os.replace(path + ".tmp", path)
+
+
 # -- the run -------------------------------------------------------------------------------------
 def pretrain(config):
     """Runs (or, with `resume`, continues) the pre-training of `config`; returns a summary dict."""
@@ -258,6 +275,8 @@ def _run(config, resume):
     write_json_atomically(os.path.join(config.output, "config.json"), run_info)
 
     history_path = os.path.join(config.output, "history.csv")
+    if resume:
+        _truncate_history(history_path, initial_epoch)
     callbacks = [
         EpochStats(steps * config.batch_size),
         keras.callbacks.TerminateOnNaN(),
@@ -294,5 +313,25 @@ def _run(config, resume):
             "seconds_per_epoch": float(np.median([float(r["epoch_seconds"]) for r in rows])) if rows else None,
         }
     )
+    if config.eval == "knn":
+        run_info["evaluation"] = evaluate_encoder_knn(
+            model.encoder, source, config.image_size, config.batch_size,
+            config.eval_train_images, config.eval_test_images, verbose=config.verbose,
+        )
+        write_json_atomically(os.path.join(config.output, "metrics.json"), run_info["evaluation"])
     write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     return {"model": model, "encoder_path": encoder_path, "info": run_info}
+
+
+def evaluate_encoder_knn(encoder, source, image_size, batch_size, train_images=None, test_images=None, verbose=0):
+    """k-NN top-1 of `encoder` on `source` (seeded subsets of the splits when limits are given)."""
+    from keras_mfm import evaluation
+
+    train = data.load_split(source, "train", limit=train_images, seed=0)
+    test = data.load_split(source, "test", limit=test_images, seed=0)
+    return evaluation.evaluate_knn(
+        encoder,
+        data.evaluation_dataset(train, image_size, batch_size, cache=False),
+        data.evaluation_dataset(test, image_size, batch_size, cache=False),
+        verbose=verbose,
+    )

@@ -48,3 +48,19 @@ def cifar_root():
     from keras_mfm import data
 
     return data.resolve_data(CIFAR_ARCHIVE).root
+
+
+def smooth_images(n, size, seed=0):
+    """Images made of a few random low-frequency cosines per channel, in [0, 1].
+
+    Unlike white noise, their masked frequencies are (partly) predictable from the kept ones, so
+    a reconstruction loss on them can go down.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    out = np.zeros((n, size, size, 3))
+    for _ in range(4):
+        fy, fx = rng.uniform(0.5, 4, size=(2, n, 1, 1, 3))
+        phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1, 3))
+        out += np.cos(2 * np.pi * (fy * rows[None, :, :, None] + fx * cols[None, :, :, None]) / size + phase)
+    return np.clip(0.5 + out / 8, 0, 1).astype("float32")

@@ -1,0 +1,95 @@
+"""Scoring a frozen encoder: feature extraction and weighted k-NN (DINO's protocol).
+
+k-NN: features are L2-normalised; each test image takes its `k` most cosine-similar training
+images, each votes for its class with weight `exp(similarity / temperature)`, and the class with
+the largest total wins (k = 20, temperature = 0.07 as in DINO).
+"""
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+
+@dataclasses.dataclass
+class Features:
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int
+
+
+def extract_features(encoder, dataset, pooling=None, verbose=0):
+    """Pooled features of `dataset` (`(images, labels)` batches), encoder in inference mode.
+
+    `pooling`: "cls" or "mean" for a ViT (default "cls"), "mean" for ResNet (global average).
+    """
+    if pooling is None:
+        pooling = "cls" if hasattr(encoder, "patch_size") else "mean"
+
+    # A functional wrapper, so `predict_on_batch` runs one compiled function per batch shape.
+    inputs = keras.Input((*encoder.image_size, 3))
+    extractor = keras.Model(inputs, encoder.pooled_features(encoder(inputs, training=False), pooling))
+
+    features, labels = [], []
+    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
+    for images, batch_labels in dataset:
+        features.append(np.asarray(extractor.predict_on_batch(np.asarray(images))))
+        labels.append(np.asarray(batch_labels))
+        if progress:
+            progress.add(1)
+    if not features:
+        raise ValueError("The data set to extract features from is empty.")
+    return Features(np.concatenate(features).astype("float32"), np.concatenate(labels).astype("int64"))
+
+
+def knn_predict(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """Weighted k-NN class predictions, `(N_test,)` int, computed with `keras.ops`."""
+    train_features = np.asarray(train_features, "float32")
+    test_features = np.asarray(test_features, "float32")
+    train_labels = np.asarray(train_labels, "int64")
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"Features must be (N, D) with the same D, got {train_features.shape} and {test_features.shape}."
+        )
+    if len(train_features) != len(train_labels):
+        raise ValueError(f"{len(train_features)} training features but {len(train_labels)} labels.")
+    if not 1 <= k <= len(train_features):
+        raise ValueError(f"`k` must be in [1, {len(train_features)}] (the training images), got {k}.")
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    num_classes = int(num_classes or train_labels.max() + 1)
+    bank = ops.normalize(ops.convert_to_tensor(train_features), axis=-1)
+    bank_labels = ops.convert_to_tensor(train_labels.astype("int32"))
+    predictions = []
+    for start in range(0, len(test_features), chunk):
+        queries = ops.normalize(ops.convert_to_tensor(test_features[start:start + chunk]), axis=-1)
+        similarity = ops.matmul(queries, ops.transpose(bank))
+        top_similarity, top_index = ops.top_k(similarity, k)
+        neighbour_labels = ops.take(bank_labels, top_index)
+        weights = ops.exp(top_similarity / temperature)
+        votes = ops.sum(ops.one_hot(neighbour_labels, num_classes) * weights[..., None], axis=1)
+        predictions.append(ops.convert_to_numpy(ops.argmax(votes, axis=-1)))
+    return np.concatenate(predictions).astype("int64")
+
+
+def knn_accuracy(train, test, k=20, temperature=0.07):
+    """Top-1 accuracy (%) of weighted k-NN with `train`/`test` `Features`."""
+    predictions = knn_predict(train.features, train.labels, test.features, k, temperature)
+    return 100.0 * float(np.mean(predictions == test.labels))
+
+
+def evaluate_knn(encoder, train_dataset, test_dataset, k=20, temperature=0.07, pooling=None, verbose=0):
+    """Extracts features of both splits and returns `{"knn_top1": %, ...}`."""
+    start = time.perf_counter()
+    train = extract_features(encoder, train_dataset, pooling, verbose)
+    test = extract_features(encoder, test_dataset, pooling, verbose)
+    return {
+        "protocol": "knn",
+        "knn_top1": knn_accuracy(train, test, k, temperature),
+        "k": k,
+        "temperature": temperature,
+        "train_images": int(len(train.labels)),
+        "test_images": int(len(test.labels)),
+        "seconds": time.perf_counter() - start,
+    }

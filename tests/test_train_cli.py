@@ -1,0 +1,118 @@
+"""train.py end to end (a fresh process on the current backend) and its error messages."""
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import train
+from tests.conftest import BACKEND, CIFAR_ARCHIVE, to_numpy
+from tests.helpers_subprocess import run_python
+from tests.test_data import write_folder
+
+SMALL = ["--depth", "1", "--batch-size", "8", "--image-size", "16", "--patch-size", "4", "--eval", "none", "--quiet"]
+
+
+def read_history(output):
+    with open(os.path.join(output, "history.csv")) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_writes_encoder_config_history_and_resumes(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=8)
+    output = str(tmp_path / "run")
+    result = run_python(["train.py", "--data", root, "--epochs", "2", "--output", output, *SMALL], BACKEND)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 2 epoch(s) of mfm on " + BACKEND in result.stdout
+    for name in ("encoder.keras", "config.json", "history.csv", "checkpoint.keras", "checkpoint.json"):
+        assert os.path.isfile(os.path.join(output, name)), name
+    info = json.load(open(os.path.join(output, "config.json")))
+    assert info["backend"] == BACKEND and info["steps_per_epoch"] == 2 and info["train_images"] == 16
+    history = read_history(output)
+    assert [row["epoch"] for row in history] == ["0", "1"]
+    assert all(np.isfinite(float(row["loss"])) for row in history)
+    encoder = keras.saving.load_model(os.path.join(output, "encoder.keras"))
+    assert tuple(encoder(np.zeros((1, 16, 16, 3), "float32")).shape) == (1, 17, 192)
+
+    # pretend the run died after its first epoch: --resume runs the second one again
+    json.dump({"epochs_done": 1}, open(os.path.join(output, "checkpoint.json"), "w"))
+    result = run_python(["train.py", "--resume", "--output", output, "--quiet"], BACKEND)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["epoch"] for row in read_history(output)] == ["0", "1"]
+
+
+def test_train_on_real_cifar10_archive(tmp_path):
+    if not os.path.isfile(CIFAR_ARCHIVE):
+        pytest.skip("no CIFAR-10 archive")
+    output = str(tmp_path / "cifar")
+    args = ["train.py", "--data", CIFAR_ARCHIVE, "--epochs", "1", "--steps-per-epoch", "3", "--output", output,
+            "--depth", "2", "--batch-size", "16", "--quiet", "--eval", "knn",
+            "--eval-train-images", "300", "--eval-test-images", "100"]
+    result = run_python(args, BACKEND)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(os.path.join(output, "config.json")))
+    assert info["train_images"] == 50_000 and info["class_names"][:2] == ["airplane", "automobile"]
+    assert np.isfinite(info["final_loss"])
+    metrics = json.load(open(os.path.join(output, "metrics.json")))
+    assert metrics["train_images"] == 300 and metrics["test_images"] == 100
+    assert 0 <= metrics["knn_top1"] <= 100 and "k-NN top-1" in result.stdout
+
+
+@pytest.mark.slow
+def test_readme_command_on_this_backend(tmp_path):
+    """The issue's acceptance command, as written in the README (about 1-2 minutes per backend)."""
+    output = str(tmp_path / "readme")
+    args = ["train.py", "--data", CIFAR_ARCHIVE, "--epochs", "1", "--steps-per-epoch", "20", "--output", output, "--quiet"]
+    result = run_python(args, BACKEND, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--backbone", "vit_huge"], "Unknown backbone 'vit_huge'"),
+        (["--method", "simclr"], "Unknown method 'simclr'"),
+        (["--image-size", "30"], "not divisible by the patch size"),
+        (["--data", "/nonexistent/folder"], "does not exist"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--radius", "40"], "larger than the spectrum"),
+        (["--radius", "-2"], "radius"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(tmp_path, capsys, arguments, message):
+    root = write_folder(str(tmp_path / "set"), per_class=8)
+    argv = ["--data", root, "--output", str(tmp_path / "out"), *SMALL, *arguments]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and message in err, err
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert train.main(["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "no class sub-folders" in capsys.readouterr().err
+
+
+def test_no_data_and_no_network_names_the_data_flag(tmp_path, capsys, monkeypatch):
+    from keras_mfm import data
+
+    monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    assert train.main(["--output", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "cifar10" in err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    json.dump({"config": {"data": str(write_folder(str(tmp_path / "set"), per_class=8)), "depth": 1,
+                          "batch_size": 8, "image_size": 16}}, open(output / "config.json", "w"))
+    json.dump({"epochs_done": 1}, open(output / "checkpoint.json", "w"))
+    (output / "checkpoint.keras").write_bytes(b"truncated garbage")
+    assert train.main(["--resume", "--output", str(output), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot load the checkpoint file" in err and "checkpoint.keras" in err
