@@ -103,3 +103,22 @@ def test_unknown_method():
     with pytest.raises(ValueError, match="Unknown method 'mfmx'"):
         methods.build_method("mfmx", small_vit())
     assert "mfm" in methods.available_methods()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"])
+def test_mixed_precision_step_keeps_ffts_in_float32(policy):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = MFM(small_vit(), radius=2.0, seed=0)
+        x = smooth_images(4, 16)
+        pred, mask = model(x)
+        assert keras.backend.standardize_dtype(pred.dtype) == "bfloat16"
+        assert keras.backend.standardize_dtype(mask.dtype) == "float32"
+        loss = model.compute_loss(x=x, y_pred=(pred, mask))
+        assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+        assert all(keras.backend.standardize_dtype(v.dtype) == "float32" for v in model.trainable_variables)
+        losses = _train(model, x, steps=2, lr=1e-3)
+        assert np.all(np.isfinite(losses))
+    finally:
+        keras.config.set_dtype_policy(previous)
