@@ -58,14 +58,9 @@ def main(argv=None):
         image_size = encoder.image_size
         if args.image_size and (args.image_size, args.image_size) != tuple(image_size):
             raise ValueError(f"The encoder was built for {image_size[0]}x{image_size[1]} images, not {args.image_size}.")
-        source = data.resolve_data(args.data)
-        train = data.load_split(source, "train", limit=args.train_images or None, seed=args.seed)
-        test = data.load_split(source, "test", limit=args.test_images or None, seed=args.seed)
-        metrics = evaluation.evaluate_knn(
-            encoder,
-            data.evaluation_dataset(train, image_size, args.batch_size, cache=False),
-            data.evaluation_dataset(test, image_size, args.batch_size, cache=False),
-            k=args.k, temperature=args.temperature, pooling=args.pooling,
+        metrics = evaluation.evaluate_knn_on_data(
+            encoder, args.data, args.batch_size, args.train_images or None, args.test_images or None,
+            seed=args.seed, k=args.k, temperature=args.temperature, pooling=args.pooling,
         )
     except (data.DataError, ValueError, training.TrainingError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

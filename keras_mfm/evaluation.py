@@ -93,3 +93,21 @@ def evaluate_knn(encoder, train_dataset, test_dataset, k=20, temperature=0.07, p
         "test_images": int(len(test.labels)),
         "seconds": time.perf_counter() - start,
     }
+
+
+def evaluate_knn_on_data(encoder, source, batch_size=256, train_images=None, test_images=None, seed=0,
+                         k=20, temperature=0.07, pooling=None, verbose=0):
+    """`evaluate_knn` on a data source (spec or `DataSource`): seeded subsets of its splits when
+    `train_images`/`test_images` are given, each image resized to the encoder's size."""
+    from keras_mfm import data
+
+    if isinstance(source, str):
+        source = data.resolve_data(source)
+    train = data.load_split(source, "train", limit=train_images, seed=seed)
+    test = data.load_split(source, "test", limit=test_images, seed=seed)
+    return evaluate_knn(
+        encoder,
+        data.evaluation_dataset(train, encoder.image_size, batch_size, cache=False),
+        data.evaluation_dataset(test, encoder.image_size, batch_size, cache=False),
+        k=k, temperature=temperature, pooling=pooling, verbose=verbose,
+    )

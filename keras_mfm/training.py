@@ -308,24 +308,13 @@ def _run(config, resume):
         }
     )
     if config.eval == "knn":
-        run_info["evaluation"] = evaluate_encoder_knn(
-            model.encoder, source, config.image_size, config.batch_size,
-            config.eval_train_images, config.eval_test_images, verbose=config.verbose,
+        from keras_mfm import evaluation
+
+        run_info["evaluation"] = evaluation.evaluate_knn_on_data(
+            model.encoder, source, config.batch_size, config.eval_train_images,
+            config.eval_test_images, verbose=config.verbose,
         )
         write_json_atomically(os.path.join(config.output, "metrics.json"), run_info["evaluation"])
     write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     return {"model": model, "encoder_path": encoder_path, "info": run_info}
 
-
-def evaluate_encoder_knn(encoder, source, image_size, batch_size, train_images=None, test_images=None, verbose=0):
-    """k-NN top-1 of `encoder` on `source` (seeded subsets of the splits when limits are given)."""
-    from keras_mfm import evaluation
-
-    train = data.load_split(source, "train", limit=train_images, seed=0)
-    test = data.load_split(source, "test", limit=test_images, seed=0)
-    return evaluation.evaluate_knn(
-        encoder,
-        data.evaluation_dataset(train, image_size, batch_size, cache=False),
-        data.evaluation_dataset(test, image_size, batch_size, cache=False),
-        verbose=verbose,
-    )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import train
-from tests.conftest import BACKEND, CIFAR_ARCHIVE, to_numpy
+from tests.conftest import BACKEND, CIFAR_ARCHIVE
 from tests.helpers_subprocess import run_python
 from tests.test_data import write_folder
 
