@@ -25,8 +25,8 @@ CIFAR-10-C's (Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to
 Corruptions and Perturbations", ICLR 2019, `make_cifar_c.py`); the blur sigma is scaled by
 `min(H, W) / 32` for other sizes. The low-/high-pass radii are this project's choice, given as
 fractions of `min(H, W)`: low-pass keeps less (more severe) as the radius shrinks, high-pass removes
-more as it grows. Note that at 32x32, high-pass severity 1 (radius 0.64) removes only the zero
-frequency, which is then added back, so it leaves the images unchanged.
+more as it grows (at 32x32, radius 1.28 to 5.6: severity 1 removes the 4 lowest non-zero
+frequencies).
 """
 
 import io
@@ -238,7 +238,7 @@ CORRUPTIONS = {
     "jpeg": (jpeg, (80, 65, 58, 50, 40)),
     "contrast": (contrast, (0.75, 0.5, 0.4, 0.3, 0.15)),
     "low_pass": (low_pass, (0.35, 0.25, 0.175, 0.125, 0.0875)),
-    "high_pass": (high_pass, (0.02, 0.04, 0.06, 0.09, 0.125)),
+    "high_pass": (high_pass, (0.04, 0.06, 0.09, 0.125, 0.175)),
 }
 
 #: How each registry parameter scales with `min(H, W)`: by `min(H, W) / 32`, by `min(H, W)` (radius
