@@ -32,9 +32,11 @@ def parse_args(argv=None):
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
     run.add_argument("--eval", default="knn", help="score the encoder after pre-training: knn (weighted k-NN, "
-                     "k=20, T=0.07, on seeded subsets of the splits) or none")
-    run.add_argument("--eval-train-images", type=int, default=10_000, help="k-NN bank size (0: the whole training split)")
-    run.add_argument("--eval-test-images", type=int, default=2_000, help="k-NN test images (0: the whole test split)")
+                     "k=20, T=0.07), linear (MAE's linear probe, 90 epochs on cached features), knn,linear "
+                     "(both, one feature extraction) or none; on seeded subsets of the splits")
+    run.add_argument("--eval-train-images", type=int, default=10_000,
+                     help="k-NN bank / linear-probe training images (0: the whole training split)")
+    run.add_argument("--eval-test-images", type=int, default=2_000, help="test images (0: the whole test split)")
     run.add_argument("--no-jit", action="store_true", help="disable XLA compilation (TensorFlow/JAX)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -102,8 +104,10 @@ def main(argv=None):
     )
     if "evaluation" in info:
         e = info["evaluation"]
-        print(f"k-NN top-1: {e['knn_top1']:.2f}% ({e['train_images']} train / {e['test_images']} test images, "
-              f"k={e['k']}, {e['seconds']:.0f} s)")
+        scores = [f"{name} top-1: {e[key]:.2f}%" for name, key in (("k-NN", "knn_top1"), ("linear", "linear_top1"))
+                  if key in e]
+        print(f"{', '.join(scores)} ({e['train_images']} train / {e['test_images']} test images, "
+              f"{e['seconds']:.0f} s)")
     return 0
 
 

@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+AUGMENT_GROUP = 16  # images per RandAugment call in finetune_dataset
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLITS = ("train", "test")
 
@@ -373,3 +374,92 @@ def evaluation_dataset(split, image_size, batch_size, cache=True):
     if cache:
         dataset = dataset.cache()
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def finetune_dataset(
+    split,
+    image_size,
+    batch_size,
+    num_classes,
+    seed=0,
+    rand_augment=9.0,
+    random_erasing=0.25,
+    mixup=0.8,
+    cutmix=1.0,
+    switch_prob=0.5,
+    crop_scale=(0.08, 1.0),
+    repeat=False,
+    cache=True,
+):
+    """Fine-tuning input, the MAE/DeiT recipe built from Keras core augmentation layers.
+
+    Per image: RandomResizedCrop (area `crop_scale`) + horizontal flip, `keras.layers.RandAugment`
+    (2 ops, strength up to `rand_augment / 10`, i.e. magnitude 9 -> 0.9; 0 turns it off; the ops
+    are drawn per group of `AUGMENT_GROUP` images) and `keras.layers.RandomErasing` with
+    probability `random_erasing`. Per batch, on one-hot labels:
+    `keras.layers.MixUp(alpha=mixup)` or `keras.layers.CutMix(factor=cutmix)`, one of the two
+    chosen with probability `switch_prob` for CutMix (0 turns either off).
+
+    Yields `(images (B, H, W, 3) float32 in [0, 1], labels (B, num_classes) float32)`, full
+    batches only. Crops, flips and order are deterministic given `seed`; the Keras augmentation
+    layers draw from stateful generators inside a parallel map, so they are not bit-reproducible.
+    """
+    import keras
+
+    tf = _tf()
+    size = _size_pair(image_size)
+    if not 0 <= random_erasing <= 1 or not 0 <= switch_prob <= 1:
+        raise ValueError("`random_erasing` and `switch_prob` are probabilities in [0, 1].")
+    if not 0 <= rand_augment <= 10:
+        raise ValueError(f"`rand_augment` is a magnitude in [0, 10] (0: off), got {rand_augment}.")
+    if mixup < 0 or cutmix < 0:
+        raise ValueError("`mixup` and `cutmix` are Beta-distribution parameters >= 0 (0: off).")
+    dataset = pretraining_dataset(
+        split, size, batch_size, seed=seed, augment=True, repeat=repeat, cache=cache, with_labels=True,
+        crop_scale=crop_scale,
+    )
+    per_group = []
+    if rand_augment > 0:
+        per_group.append(keras.layers.RandAugment(value_range=(0, 1), factor=rand_augment / 10, seed=seed))
+    if random_erasing > 0:
+        per_group.append(
+            keras.layers.RandomErasing(factor=(random_erasing, random_erasing), value_range=(0, 1), seed=seed + 1)
+        )
+
+    def augment(images, labels):
+        for layer in per_group:
+            images = layer(images, training=True)
+        images = tf.clip_by_value(tf.cast(images, "float32"), 0.0, 1.0)
+        return images, tf.one_hot(labels, num_classes)
+
+    # Keras' RandAugment draws its ops once per call (strengths per image): calling it on groups of
+    # AUGMENT_GROUP images varies the ops within a batch at a fraction of the per-image cost.
+    dataset = (
+        dataset.unbatch()
+        .batch(AUGMENT_GROUP)
+        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .unbatch()
+        .batch(batch_size, drop_remainder=True)
+    )
+    mix = keras.layers.MixUp(alpha=mixup, seed=seed + 2) if mixup > 0 else None
+    cut = keras.layers.CutMix(factor=cutmix, seed=seed + 3) if cutmix > 0 else None
+    if mix or cut:
+        coins = tf.data.Dataset.random(seed=seed + 4, rerandomize_each_iteration=True)
+
+        def apply(layer, images, labels):
+            out = layer({"images": images, "labels": labels}, training=True)
+            return tf.cast(out["images"], "float32"), tf.cast(out["labels"], "float32")
+
+        def mix_batch(batch, coin):
+            images, labels = batch
+            if mix and cut:
+                use_cutmix = tf.cast(coin % 1_000_000, "float32") / 1e6 < switch_prob
+                images, labels = tf.cond(
+                    use_cutmix, lambda: apply(cut, images, labels), lambda: apply(mix, images, labels)
+                )
+            else:
+                images, labels = apply(mix or cut, images, labels)
+            return tf.ensure_shape(images, (batch_size, *size, 3)), tf.ensure_shape(labels, (batch_size, num_classes))
+
+        dataset = tf.data.Dataset.zip((dataset, coins)).map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

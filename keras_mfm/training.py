@@ -59,8 +59,8 @@ class PretrainConfig:
     output: str = "runs/mfm"
     jit_compile: str = "auto"
     verbose: int = 1
-    eval: str = "knn"  # score the encoder after pre-training: "knn" or "none"
-    eval_train_images: int = 10_000  # k-NN bank: a seeded random subset of the training split
+    eval: str = "knn"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
+    eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
     eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
 
     def to_json(self):
@@ -94,13 +94,20 @@ def build_model(config):
     return model
 
 
+def eval_protocols(config):
+    """`config.eval` as a list of frozen-encoder protocols ("none" -> [])."""
+    if config.eval in (None, "", "none"):
+        return []
+    return [name.strip() for name in config.eval.split(",") if name.strip()]
+
+
 def validate(config):
     """Cheap checks before any data is read, so a typo fails in a second with a clear message."""
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
-    if config.eval not in ("knn", "none"):
-        raise ValueError(f"Unknown --eval {config.eval!r}; choose 'knn' or 'none'.")
+    if config.eval != "none" and not set(eval_protocols(config)) <= {"knn", "linear"}:
+        raise ValueError(f"Unknown --eval {config.eval!r}; choose knn, linear, knn,linear or none.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
     if config.method not in methods.available_methods():
@@ -307,13 +314,13 @@ def _run(config, resume):
             "seconds_per_epoch": float(np.median([float(r["epoch_seconds"]) for r in rows])) if rows else None,
         }
     )
-    if config.eval == "knn":
+    if eval_protocols(config):
         from keras_mfm import evaluation
 
-        run_info["evaluation"] = evaluation.evaluate_knn_on_data(
-            model.encoder, source, config.batch_size, config.eval_train_images,
+        run_info["evaluation"] = dict(evaluation.evaluate_frozen_on_data(
+            model.encoder, source, eval_protocols(config), config.batch_size, config.eval_train_images,
             config.eval_test_images, verbose=config.verbose,
-        )
+        ))
         write_json_atomically(os.path.join(config.output, "metrics.json"), run_info["evaluation"])
     write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     return {"model": model, "encoder_path": encoder_path, "info": run_info}

@@ -49,7 +49,7 @@ def test_train_on_real_cifar10_archive(tmp_path):
         pytest.skip("no CIFAR-10 archive")
     output = str(tmp_path / "cifar")
     args = ["train.py", "--data", CIFAR_ARCHIVE, "--epochs", "1", "--steps-per-epoch", "3", "--output", output,
-            "--depth", "2", "--batch-size", "16", "--quiet", "--eval", "knn",
+            "--depth", "2", "--batch-size", "16", "--quiet", "--eval", "knn,linear",
             "--eval-train-images", "300", "--eval-test-images", "100"]
     result = run_python(args, BACKEND)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,6 +59,8 @@ def test_train_on_real_cifar10_archive(tmp_path):
     metrics = json.load(open(os.path.join(output, "metrics.json")))
     assert metrics["train_images"] == 300 and metrics["test_images"] == 100
     assert 0 <= metrics["knn_top1"] <= 100 and "k-NN top-1" in result.stdout
+    assert 0 <= metrics["linear_top1"] <= 100 and "linear top-1" in result.stdout
+    assert metrics["linear"]["epochs"] == 90 and metrics["linear"]["train_images"] == 300
 
 
 @pytest.mark.slow

@@ -1,46 +1,16 @@
-"""Scoring a frozen encoder: feature extraction and weighted k-NN (DINO's protocol).
+"""Weighted k-NN on frozen-encoder features (DINO's protocol).
 
 k-NN: features are L2-normalised; each test image takes its `k` most cosine-similar training
 images, each votes for its class with weight `exp(similarity / temperature)`, and the class with
 the largest total wins (k = 20, temperature = 0.07 as in DINO).
 """
 
-import dataclasses
 import time
 
-import keras
 import numpy as np
 from keras import ops
 
-
-@dataclasses.dataclass
-class Features:
-    features: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # (N,) int
-
-
-def extract_features(encoder, dataset, pooling=None, verbose=0):
-    """Pooled features of `dataset` (`(images, labels)` batches), encoder in inference mode.
-
-    `pooling`: "cls" or "mean" for a ViT (default "cls"), "mean" for ResNet (global average).
-    """
-    if pooling is None:
-        pooling = "cls" if hasattr(encoder, "patch_size") else "mean"
-
-    # A functional wrapper, so `predict_on_batch` runs one compiled function per batch shape.
-    inputs = keras.Input((*encoder.image_size, 3))
-    extractor = keras.Model(inputs, encoder.pooled_features(encoder(inputs, training=False), pooling))
-
-    features, labels = [], []
-    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
-    for images, batch_labels in dataset:
-        features.append(np.asarray(extractor.predict_on_batch(np.asarray(images))))
-        labels.append(np.asarray(batch_labels))
-        if progress:
-            progress.add(1)
-    if not features:
-        raise ValueError("The data set to extract features from is empty.")
-    return Features(np.concatenate(features).astype("float32"), np.concatenate(labels).astype("int64"))
+from keras_mfm.evaluation.features import Result, default_pooling, extract_features, load_evaluation_data
 
 
 def knn_predict(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None, chunk=1024):
@@ -80,19 +50,21 @@ def knn_accuracy(train, test, k=20, temperature=0.07):
 
 
 def evaluate_knn(encoder, train_dataset, test_dataset, k=20, temperature=0.07, pooling=None, verbose=0):
-    """Extracts features of both splits and returns `{"knn_top1": %, ...}`."""
+    """Extracts features of both splits (`(images, labels)` batches) and returns a `Result` with
+    `knn_top1` (%)."""
     start = time.perf_counter()
     train = extract_features(encoder, train_dataset, pooling, verbose)
     test = extract_features(encoder, test_dataset, pooling, verbose)
-    return {
+    return Result({
         "protocol": "knn",
         "knn_top1": knn_accuracy(train, test, k, temperature),
         "k": k,
         "temperature": temperature,
+        "pooling": pooling or default_pooling(encoder),
         "train_images": int(len(train.labels)),
         "test_images": int(len(test.labels)),
         "seconds": time.perf_counter() - start,
-    }
+    })
 
 
 def evaluate_knn_on_data(encoder, source, batch_size=256, train_images=None, test_images=None, seed=0,
@@ -101,13 +73,10 @@ def evaluate_knn_on_data(encoder, source, batch_size=256, train_images=None, tes
     `train_images`/`test_images` are given, each image resized to the encoder's size."""
     from keras_mfm import data
 
-    if isinstance(source, str):
-        source = data.resolve_data(source)
-    train = data.load_split(source, "train", limit=train_images, seed=seed)
-    test = data.load_split(source, "test", limit=test_images, seed=seed)
+    splits = load_evaluation_data(source, train_images, test_images, seed)
     return evaluate_knn(
         encoder,
-        data.evaluation_dataset(train, encoder.image_size, batch_size, cache=False),
-        data.evaluation_dataset(test, encoder.image_size, batch_size, cache=False),
+        data.evaluation_dataset(splits.train, encoder.image_size, batch_size, cache=False),
+        data.evaluation_dataset(splits.test, encoder.image_size, batch_size, cache=False),
         k=k, temperature=temperature, pooling=pooling, verbose=verbose,
     )

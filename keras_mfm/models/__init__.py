@@ -1,5 +1,6 @@
-"""Pre-training models."""
+"""Pre-training models and the classifier used to evaluate encoders."""
 
+from keras_mfm.models.classifier import ImageClassifier
 from keras_mfm.models.mfm import MFM, PixelShuffleHead
 
-__all__ = ["MFM", "PixelShuffleHead"]
+__all__ = ["ImageClassifier", "MFM", "PixelShuffleHead"]
