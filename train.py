@@ -21,7 +21,8 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--method", default="mfm", help="pre-training method (mfm: Masked Frequency Modeling)")
+    run.add_argument("--method", default="mfm", help="pre-training method: mfm (Masked Frequency Modeling), mae "
+                     "(masked autoencoder), amt or famt (MAE with attention / frequency+attention masking and throwing)")
     run.add_argument("--backend", choices=BACKENDS, default=None,
                      help="Keras backend (sets KERAS_BACKEND before Keras loads; default: $KERAS_BACKEND or tensorflow)")
     run.add_argument("--data", default=None,
@@ -54,6 +55,20 @@ def parse_args(argv=None):
     mfm.add_argument("--full-spectrum-loss", action="store_true",
                      help="average the frequency loss over the whole spectrum instead of the masked frequencies")
     mfm.add_argument("--gamma", type=float, default=1.0, help="exponent of the frequency distance")
+
+    mae = parser.add_argument_group("MAE, AMT, FAMT (--method mae|amt|famt)")
+    mae.add_argument("--mask-ratio", type=float, default=None,
+                     help="share of masked patches (default: 0.75 for mae, 0.45 for amt/famt)")
+    mae.add_argument("--throw-ratio", type=float, default=None,
+                     help="share of thrown patches (default: 0 for mae, 0.40 for amt/famt)")
+    mae.add_argument("--refresh-warmup", type=int, default=None,
+                     help="amt/famt: epochs of plain MAE before the first importance refresh (default: 10%% of --epochs, >= 1)")
+    mae.add_argument("--refresh-interval", type=int, default=None,
+                     help="amt/famt: epochs between importance refreshes (default: 10%% of --epochs, >= 1)")
+    mae.add_argument("--decoder-dim", type=int, default=512, help="decoder width")
+    mae.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
+    mae.add_argument("--decoder-heads", type=int, default=16, help="decoder heads")
+    mae.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixel targets")
 
     optim = parser.add_argument_group("optimisation (AdamW 0.9/0.95, warm-up + cosine, per step)")
     optim.add_argument("--epochs", type=int, default=1, help="epochs")
@@ -88,6 +103,10 @@ def main(argv=None):
                 base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
                 p_low=args.p_low, masked_loss=not args.full_spectrum_loss, gamma=args.gamma,
+                mask_ratio=args.mask_ratio, throw_ratio=args.throw_ratio, refresh_warmup=args.refresh_warmup,
+                refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
+                decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+                norm_pix_loss=args.norm_pix_loss,
                 seed=args.seed, output=args.output, jit_compile=False if args.no_jit else "auto",
                 verbose=0 if args.quiet else 1, eval=args.eval,
                 eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,

@@ -318,11 +318,14 @@ def pretraining_dataset(
     shuffle=True,
     with_labels=False,
     crop_scale=(0.2, 1.0),
+    with_geometry=False,
 ):
     """Batched pre-training input: RandomResizedCrop(scale 0.2-1) + horizontal flip.
 
     Yields `images` `(B, H, W, 3)` float32 in [0, 1] (or `(images, labels)` with `with_labels`),
-    full batches only. Deterministic given `seed`: the crops and flips come from stateless ops fed
+    full batches only. With `with_geometry` it yields a dict `{"images", "index" (B,) int64,
+    "box" (B, 4) float32 (y0, x0, y1, x1) fractions of the source image, "flip" (B,) bool}`: what
+    FAMT needs to make each image's importance map follow its crop and flip. Deterministic given `seed`: the crops and flips come from stateless ops fed
     by `tf.data.Dataset.random(seed)` and the shuffle is seeded (re-shuffled every epoch).
     `cache` keeps the decoded images in memory (right for CIFAR-sized data).
     """
@@ -347,19 +350,33 @@ def pretraining_dataset(
     dataset = tf.data.Dataset.zip((dataset, seeds))
 
     def transform(item, draw):
-        image, label, _ = item
+        image, label, index = item
         if augment:
             crop_seed = tf.stack([draw[0], draw[1]])
-            image, _ = random_resized_crop(image, size, crop_seed, scale=crop_scale)
+            image, box = random_resized_crop(image, size, crop_seed, scale=crop_scale)
             flip = tf.random.stateless_uniform((), seed=tf.stack([draw[2], draw[0]])) < 0.5
             image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
         else:
             image = resize_image(image, size)
+            box, flip = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(False)
         image = tf.ensure_shape(image, size + (3,))
+        if with_geometry:
+            return {"images": image, "index": index, "box": box, "flip": flip}
         return (image, label) if with_labels else image
 
     dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def indexed_dataset(split, image_size, batch_size):
+    """Batched, un-augmented `(images, index)` in order: the views FAMT scores its importance on."""
+    tf = _tf()
+    size = _size_pair(image_size)
+    dataset = split.dataset.map(
+        lambda image, label, index: (tf.ensure_shape(resize_image(image, size), size + (3,)), index),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_dataset(split, image_size, batch_size, cache=True):

@@ -5,6 +5,7 @@ lists `available_methods()`.
 """
 
 from keras_mfm.backbones import ResNetBackbone
+from keras_mfm.models.mae import MAE
 from keras_mfm.models.mfm import MFM
 
 _METHODS = {}
@@ -43,3 +44,29 @@ def build_mfm(encoder, radius=None, p_low=None, masked_loss=True, gamma=1.0, see
     if p_low is None:
         p_low = default_p_low(encoder)
     return MFM(encoder, radius=radius, p_low=p_low, seed=seed, masked_loss=masked_loss, gamma=gamma, name="mfm")
+
+
+#: Authors' ratios (SPEC.md section 2): MAE masks 0.75; AMT/FAMT mask 0.45 and throw 0.40.
+DEFAULT_RATIOS = {"mae": (0.75, 0.0), "amt": (0.45, 0.40), "famt": (0.45, 0.40)}
+
+
+def _masked_autoencoder(name, importance):
+    def build(encoder, mask_ratio=None, throw_ratio=None, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+              norm_pix_loss=False, seed=None, num_images=None):
+        default_mask, default_throw = DEFAULT_RATIOS[name]
+        return MAE(
+            encoder, mask_ratio=default_mask if mask_ratio is None else mask_ratio,
+            throw_ratio=default_throw if throw_ratio is None else throw_ratio, decoder_dim=decoder_dim,
+            decoder_depth=decoder_depth, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss, seed=seed,
+            importance=importance, num_images=num_images if importance else None, name=name,
+        )
+
+    return build
+
+
+build_mae = register_method("mae", "Masked autoencoder: reconstruct randomly masked patches (mask 0.75)")(
+    _masked_autoencoder("mae", None))
+build_amt = register_method("amt", "AMT: attention-driven masking (0.45) and throwing (0.40) for MAE")(
+    _masked_autoencoder("amt", "amt"))
+build_famt = register_method("famt", "FAMT: frequency- and attention-driven masking (0.45) and throwing (0.40)")(
+    _masked_autoencoder("famt", "famt"))

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -55,6 +56,14 @@ class PretrainConfig:
     p_low: float = None  # None: 0.5 for ViT, 0.3 for ResNet-50
     masked_loss: bool = True
     gamma: float = 1.0
+    mask_ratio: float = None  # None: 0.75 for MAE, 0.45 for AMT/FAMT
+    throw_ratio: float = None  # None: 0 for MAE, 0.40 for AMT/FAMT
+    refresh_warmup: int = None  # AMT/FAMT: epochs before the first importance refresh (None: 10% of the run, >= 1)
+    refresh_interval: int = None  # AMT/FAMT: epochs between refreshes (None: 10% of the run, >= 1)
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = False
     seed: int = 0
     output: str = "runs/mfm"
     jit_compile: str = "auto"
@@ -72,26 +81,49 @@ class PretrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+MASKED_AUTOENCODERS = ("mae", "amt", "famt")
+IMPORTANCE_METHODS = ("amt", "famt")
+
+
 def build_encoder(config):
     overrides = {} if config.depth is None else {"depth": config.depth}
+    if config.method in MASKED_AUTOENCODERS:
+        if not config.backbone.startswith("vit"):
+            raise ValueError(f"--method {config.method} needs a ViT backbone (patch tokens), not {config.backbone!r}.")
+        overrides["position_embedding"] = "sincos"  # MAE's fixed 2-D sin-cos embedding
     patch = config.patch_size if config.backbone.startswith("vit") else None
     return backbones.get_backbone(config.backbone, config.image_size, patch_size=patch, **overrides)
 
 
-def build_model(config):
-    """The pre-training model of `config` (built, not compiled)."""
+def refresh_schedule(config):
+    """`(warm-up epochs, interval)` of the importance refreshes (SPEC: epoch 40 of 400, every 40)."""
+    default = max(1, int(round(config.epochs / 10)))
+    warmup = default if config.refresh_warmup is None else config.refresh_warmup
+    interval = default if config.refresh_interval is None else config.refresh_interval
+    return warmup, interval
+
+
+def build_model(config, num_images=None):
+    """The pre-training model of `config` (built, not compiled); `num_images`: AMT/FAMT's table."""
     encoder = build_encoder(config)
-    model = methods.build_method(
-        config.method,
-        encoder,
-        radius=config.radius,
-        p_low=config.p_low,
-        masked_loss=config.masked_loss,
-        gamma=config.gamma,
-        seed=config.seed,
-    )
+    options = method_options(config)
+    if config.method in IMPORTANCE_METHODS:
+        options["num_images"] = num_images
+    model = methods.build_method(config.method, encoder, **options)
     model.build((None, *encoder.image_size, 3))
     return model
+
+
+def method_options(config):
+    """The builder arguments of `config.method` taken from `config`."""
+    if config.method in MASKED_AUTOENCODERS:
+        return dict(
+            mask_ratio=config.mask_ratio, throw_ratio=config.throw_ratio,
+            decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth, decoder_heads=config.decoder_heads,
+            norm_pix_loss=config.norm_pix_loss, seed=config.seed,
+        )
+    return dict(radius=config.radius, p_low=config.p_low, masked_loss=config.masked_loss, gamma=config.gamma,
+                seed=config.seed)
 
 
 def eval_protocols(config):
@@ -116,6 +148,18 @@ def validate(config):
         raise ValueError(
             f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
         )
+    if config.method in IMPORTANCE_METHODS:
+        warmup, interval = refresh_schedule(config)
+        if warmup < 1 or interval < 1:
+            raise ValueError(
+                f"--refresh-warmup must be >= 1 (the importance needs a trained encoder) and --refresh-interval "
+                f">= 1; got {warmup} and {interval}."
+            )
+        if warmup >= config.epochs:
+            warnings.warn(
+                f"--refresh-warmup {warmup} >= --epochs {config.epochs}: the importance is never refreshed, "
+                f"so this {config.method} run is plain MAE masking.", stacklevel=2,
+            )
     if config.backbone.startswith("vit") and config.image_size % config.patch_size:
         raise ValueError(
             f"Image size {config.image_size} is not divisible by the patch size {config.patch_size}."
@@ -247,7 +291,7 @@ def _run(config, resume):
         with open(os.path.join(config.output, CHECKPOINT_STATE)) as handle:
             initial_epoch = int(json.load(handle)["epochs_done"])
     else:
-        model = build_model(config)
+        model = build_model(config, num_images=train_split.num_examples)
         recipe = optimization.Recipe(
             base_lr=config.base_lr, lr=config.lr, min_lr=config.min_lr,
             weight_decay=config.weight_decay, clip_norm=config.clip_norm,
@@ -259,9 +303,10 @@ def _run(config, resume):
         model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
 
     # A resumed run sees a different (still seeded) order of crops from its first new epoch on.
+    uses_importance = config.method in IMPORTANCE_METHODS
     dataset = data.pretraining_dataset(
         train_split, config.image_size, config.batch_size, seed=config.seed + initial_epoch,
-        repeat=config.steps_per_epoch is not None,
+        repeat=config.steps_per_epoch is not None, with_geometry=uses_importance,
     )
     run_info = {
         "config": config.to_json(),
@@ -278,8 +323,18 @@ def _run(config, resume):
     history_path = os.path.join(config.output, "history.csv")
     if resume:
         _truncate_history(history_path, initial_epoch)
-    callbacks = [
-        EpochStats(steps * config.batch_size),
+    callbacks = [EpochStats(steps * config.batch_size)]
+    refresh = None
+    if uses_importance:
+        from keras_mfm.importance import ImportanceRefresh
+
+        warmup, interval = refresh_schedule(config)
+        refresh = ImportanceRefresh(
+            lambda: data.indexed_dataset(train_split, config.image_size, max(config.batch_size, 256)),
+            warmup, interval, verbose=config.verbose,
+        )
+        callbacks.append(refresh)  # after EpochStats: the refresh time counts in the epoch's time
+    callbacks += [
         keras.callbacks.TerminateOnNaN(),
         AtomicCheckpoint(config.output),
         keras.callbacks.CSVLogger(history_path, append=resume and initial_epoch > 0),
@@ -302,6 +357,8 @@ def _run(config, resume):
                 + ". Lower --lr or check the data."
             )
     seconds = time.perf_counter() - start
+    if refresh is not None:
+        run_info["importance_refreshes"] = [{"epoch": e, "seconds": t} for e, t in refresh.history]
 
     encoder_path = os.path.join(config.output, ENCODER)
     save_atomically(model.encoder, encoder_path)

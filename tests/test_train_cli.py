@@ -44,6 +44,28 @@ def test_train_writes_encoder_config_history_and_resumes(tmp_path):
     assert [row["epoch"] for row in read_history(output)] == ["0", "1"]
 
 
+def test_famt_run_refreshes_the_importance_and_resumes_with_it(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=8)
+    output = str(tmp_path / "famt")
+    small = [arg for arg in SMALL]
+    args = ["train.py", "--method", "famt", "--data", root, "--epochs", "3", "--output", output, *small,
+            "--refresh-warmup", "1", "--refresh-interval", "1", "--decoder-dim", "32", "--decoder-depth", "1",
+            "--decoder-heads", "2"]
+    result = run_python(args, BACKEND)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(os.path.join(output, "config.json")))
+    assert [r["epoch"] for r in info["importance_refreshes"]] == [1, 2]
+    assert all(np.isfinite(float(row["loss"])) for row in read_history(output))
+    # the checkpoint holds the table and the phase; resuming the last epoch keeps them
+    json.dump({"epochs_done": 2}, open(os.path.join(output, "checkpoint.json"), "w"))
+    result = run_python(["train.py", "--resume", "--output", output, "--quiet"], BACKEND)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(os.path.join(output, "config.json")))
+    assert [r["epoch"] for r in info["importance_refreshes"]] == [2]
+    encoder = keras.saving.load_model(os.path.join(output, "encoder.keras"))
+    assert encoder.position_embedding_type == "sincos"
+
+
 def test_train_on_real_cifar10_archive(tmp_path):
     if not os.path.isfile(CIFAR_ARCHIVE):
         pytest.skip("no CIFAR-10 archive")
@@ -82,6 +104,11 @@ def test_readme_command_on_this_backend(tmp_path):
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--radius", "40"], "larger than the spectrum"),
         (["--radius", "-2"], "radius"),
+        (["--method", "famt", "--backbone", "resnet50", "--image-size", "32"], "needs a ViT backbone"),
+        (["--method", "famt", "--refresh-warmup", "0"], "--refresh-warmup must be >= 1"),
+        (["--method", "mae", "--mask-ratio", "0.6", "--throw-ratio", "0.4"], "< 1"),
+        (["--method", "amt", "--mask-ratio", "0.01"], "masks no token"),
+        (["--method", "mae", "--mask-ratio", "0"], "at least one masked patch"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, arguments, message):

@@ -182,6 +182,17 @@ class ViTBackbone(Backbone):
             tokens `(B, 1 + K, D)` after the final LayerNorm (`K = N` without `token_indices`),
             or `(tokens, attention)`.
         """
+        x, attention = self.encode(images, token_indices, return_attention, training)
+        x = self.norm(x)
+        if return_attention:
+            return x, attention
+        return x
+
+    def encode(self, images, token_indices=None, return_attention=False, training=None):
+        """The last block's output before the final LayerNorm, `(B, 1 + K, D)`, and its attention
+        `(B, heads, 1 + K, 1 + K)` (None unless `return_attention`); FAMT reads both."""
+        if not self.built:
+            self.build((None, *self.image_size, 3))
         x = self.embed_patches(images)
         if token_indices is not None:
             token_indices = ops.cast(token_indices, "int32")
@@ -191,11 +202,8 @@ class ViTBackbone(Backbone):
             x = block(x, training=training)
         x = self.blocks[-1](x, return_attention=return_attention, training=training)
         if return_attention:
-            x, attention = x
-        x = self.norm(x)
-        if return_attention:
-            return x, attention
-        return x
+            return x
+        return x, None
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], 1 + self.num_patches, self.hidden_dim)

@@ -1,6 +1,7 @@
 """Pre-training models and the classifier used to evaluate encoders."""
 
 from keras_mfm.models.classifier import ImageClassifier
+from keras_mfm.models.mae import MAE, MAEDecoder
 from keras_mfm.models.mfm import MFM, PixelShuffleHead
 
-__all__ = ["ImageClassifier", "MFM", "PixelShuffleHead"]
+__all__ = ["ImageClassifier", "MAE", "MAEDecoder", "MFM", "PixelShuffleHead"]

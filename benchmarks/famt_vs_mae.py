@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""FAMT (mask 0.45, throw 0.40) against MAE (mask 0.75): time per training step and a short run.
+
+    python benchmarks/famt_vs_mae.py --backend torch
+    python benchmarks/famt_vs_mae.py --backend jax --batch-size 128 --steps 20
+
+Part 1, step time: the same ViT and batch, `model.fit` on fixed random images, the importance
+phase of FAMT (a filled table), after warm-up steps (compilation excluded).
+Part 2, a short run on real CIFAR-10 images (a seeded subset of the training split): `--epochs`
+epochs of each method with the real pipeline (crops, flips, index/box/flip for FAMT), FAMT
+refreshing its importance table after the first epoch and then every epoch; wall time in all,
+refreshes included. Prints markdown tables.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default=None, choices=("tensorflow", "jax", "torch"))
+    parser.add_argument("--backbone", default="vit_tiny")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--patch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                       "cifar10-jpeg.tar.gz"))
+    parser.add_argument("--run-images", type=int, default=2048, help="training images of the short run (0: skip)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the short run")
+    return parser.parse_args()
+
+
+def build(method, args, num_images):
+    from keras_mfm import backbones, methods
+
+    encoder = backbones.get_backbone(args.backbone, args.image_size, patch_size=args.patch_size,
+                                     position_embedding="sincos")
+    options = {"seed": 0}
+    if method != "mae":
+        options["num_images"] = num_images
+    model = methods.build_method(method, encoder, **options)
+    model.build()
+    import keras
+
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    return model
+
+
+def step_time(method, args):
+    import numpy as np
+
+    batch = args.batch_size
+    model = build(method, args, num_images=batch)
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, args.image_size, args.image_size, 3)).astype("float32")
+    inputs = images
+    if method != "mae":
+        model.set_importance(rng.random((batch, model.encoder.num_patches)).astype("float32") + 0.01)
+        inputs = {"images": images, "index": np.arange(batch), "box": np.tile([[0.0, 0.0, 1.0, 1.0]], (batch, 1)),
+                  "flip": np.zeros(batch, bool)}
+    import tensorflow as tf
+
+    def repeat(n):
+        return tf.data.Dataset.from_tensors(inputs).repeat(n)
+
+    model.fit(repeat(args.warmup_steps), verbose=0)
+    start = time.perf_counter()
+    model.fit(repeat(args.steps), verbose=0)
+    return (time.perf_counter() - start) / args.steps, model.counts
+
+
+def short_run(method, args):
+    from keras_mfm import data
+    from keras_mfm.importance import ImportanceRefresh
+
+    split = data.load_split(data.resolve_data(args.data), "train", limit=args.run_images, seed=0)
+    full = data.load_split(data.resolve_data(args.data), "train")
+    model = build(method, args, num_images=full.num_examples)
+    dataset = data.pretraining_dataset(split, args.image_size, args.batch_size, seed=0, with_geometry=method != "mae")
+    callbacks = []
+    if method != "mae":
+        refresh = ImportanceRefresh(lambda: data.indexed_dataset(split, args.image_size, 256), warmup_epochs=1,
+                                    interval=1)
+        callbacks.append(refresh)
+    start = time.perf_counter()
+    history = model.fit(dataset, epochs=args.epochs, callbacks=callbacks, verbose=0)
+    total = time.perf_counter() - start
+    refresh_seconds = sum(t for _, t in refresh.history) if method != "mae" else 0.0
+    return total, refresh_seconds, history.history["loss"][-1]
+
+
+def main():
+    args = parse_args()
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    print(f"backend {keras.backend.backend()}, {args.backbone}/{args.patch_size} at {args.image_size}, "
+          f"batch {args.batch_size}, {os.cpu_count()} CPU cores\n")
+    print("| method | masked / thrown / visible | s per step | images/s |")
+    print("|---|---|---|---|")
+    times = {}
+    for method in ("mae", "famt"):
+        seconds, counts = step_time(method, args)
+        times[method] = seconds
+        print(f"| {method} | {counts[0]} / {counts[1]} / {counts[2]} | {seconds:.3f} | "
+              f"{args.batch_size / seconds:.0f} |", flush=True)
+    print(f"\nFAMT step time / MAE step time: {times['famt'] / times['mae']:.2f}\n")
+    if args.run_images:
+        print(f"Short run: {args.epochs} epochs of {args.run_images} CIFAR-10 images "
+              f"({args.run_images // args.batch_size} steps each); FAMT refreshes at epochs 1..{args.epochs - 1}\n")
+        print("| method | wall time (s) | of which refreshes (s) | last epoch loss |")
+        print("|---|---|---|---|")
+        for method in ("mae", "famt"):
+            total, refreshes, loss = short_run(method, args)
+            print(f"| {method} | {total:.1f} | {refreshes:.1f} | {loss:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
