@@ -14,6 +14,8 @@ Heads (SPEC.md):
 import keras
 from keras import ops
 
+from keras_mfm.models.base import EncoderModel
+
 HEADS = ("linear_probe", "finetune")
 
 
@@ -34,7 +36,7 @@ def build_head(kind, num_classes, dtype=None):
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
-class ImageClassifier(keras.Model):
+class ImageClassifier(EncoderModel):
     """`encoder` + pooling + `head`, returning float32 logits.
 
     Args:
@@ -91,7 +93,6 @@ class ImageClassifier(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "encoder": keras.saving.serialize_keras_object(self.encoder),
                 "num_classes": self.num_classes,
                 "pooling": self.pooling,
                 "head": self.head_type,
@@ -100,8 +101,3 @@ class ImageClassifier(keras.Model):
         )
         return config
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)

@@ -21,6 +21,7 @@ from keras import ops
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
+from keras_mfm.models.base import EncoderModel
 
 
 def patchify(images, patch_size):
@@ -111,7 +112,7 @@ class MAEDecoder(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
-class MAE(keras.Model):
+class MAE(EncoderModel):
     """MAE pre-training around a `ViTBackbone`, with optional token throwing (FAMT).
 
     Inputs: images `(B, H, W, 3)` in [0, 1], or `{"images": ..., "importance": (B, N)}` to draw
@@ -253,7 +254,6 @@ class MAE(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update({
-            "encoder": keras.saving.serialize_keras_object(self.encoder),
             "mask_ratio": self.mask_ratio,
             "throw_ratio": self.throw_ratio,
             "decoder_dim": self.decoder.hidden_dim,
@@ -268,8 +268,3 @@ class MAE(keras.Model):
         })
         return config
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)

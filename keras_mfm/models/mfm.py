@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_mfm.frequency import frequency_loss
 from keras_mfm.layers.frequency_masking import FrequencyMasking
+from keras_mfm.models.base import EncoderModel
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
@@ -52,7 +53,7 @@ class PixelShuffleHead(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
-class MFM(keras.Model):
+class MFM(EncoderModel):
     """Encoder + corruption + one-layer head, trained with the frequency loss.
 
     Args:
@@ -68,6 +69,8 @@ class MFM(keras.Model):
     Train with `model.compile(optimizer)` (no `loss`) and `model.fit(images)`; labels, if the
     data set yields them, are ignored.
     """
+
+    NESTED = ("encoder", "corruption")
 
     def __init__(
         self,
@@ -118,17 +121,9 @@ class MFM(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "encoder": keras.saving.serialize_keras_object(self.encoder),
-                "corruption": keras.saving.serialize_keras_object(self.corruption),
                 "masked_loss": self.masked_loss,
                 "gamma": self.gamma,
             }
         )
         return config
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        config["corruption"] = keras.saving.deserialize_keras_object(config["corruption"])
-        return cls(**config)
