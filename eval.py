@@ -121,8 +121,11 @@ def _probe_arguments(parser, prefix):
                         help="ViT features of the linear probe (default: cls)")
     parser.add_argument(f"--{prefix}epochs", type=int, default=90, help="linear probe epochs")
     parser.add_argument(f"--{prefix}batch-size" if prefix else "--probe-batch-size", type=int, default=256,
-                        help="linear probe batch size (LARS lr = base-lr x batch / 256)")
-    parser.add_argument(f"--{prefix}base-lr", type=float, default=0.1, help="linear probe base lr")
+                        help="linear probe batch size")
+    parser.add_argument(f"--{prefix}lr", type=float, default=6.4,
+                        help="linear probe peak lr (MAE's 0.1 x 16384 / 256; LARS steps do not scale with batch)")
+    parser.add_argument(f"--{prefix}base-lr", type=float, default=None,
+                        help="instead of --lr: lr = base-lr x batch / 256 (MAE's rule, 0.1)")
     parser.add_argument(f"--{prefix}warmup-epochs", type=float, default=10, help="linear probe warm-up epochs")
 
 
@@ -176,7 +179,8 @@ def run(args):
     if args.command == "linear":
         result = evaluation.linear_probe_on_data(
             load_encoder(args), args.data, args.batch_size, pooling=args.pooling, epochs=args.epochs,
-            probe_batch_size=args.probe_batch_size, base_lr=args.base_lr, warmup_epochs=args.warmup_epochs,
+            probe_batch_size=args.probe_batch_size, lr=args.lr, base_lr=args.base_lr,
+            warmup_epochs=args.warmup_epochs,
             **subset,
         )
         return result, result.classifier
@@ -200,7 +204,7 @@ def run(args):
     else:
         probe = evaluation.linear_probe_on_data(
             load_encoder(args), args.data, args.batch_size, pooling=args.probe_pooling, epochs=args.probe_epochs,
-            probe_batch_size=args.probe_batch_size, base_lr=args.probe_base_lr,
+            probe_batch_size=args.probe_batch_size, lr=args.probe_lr, base_lr=args.probe_base_lr,
             warmup_epochs=args.probe_warmup_epochs, **subset,
         )
         classifier = probe.classifier

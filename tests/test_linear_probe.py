@@ -100,3 +100,12 @@ def test_classifier_logits_are_float32_under_mixed_precision():
     finally:
         keras.config.set_dtype_policy("float32")
     assert keras.backend.standardize_dtype(logits.dtype) == "float32" and tuple(logits.shape) == (2, 3)
+
+
+def test_probe_learning_rate_rule():
+    from keras_mfm.evaluation.linear_probe import peak_lr
+
+    assert peak_lr() == pytest.approx(6.4)  # MAE: 0.1 x 16384 / 256
+    assert peak_lr(base_lr=0.1, batch_size=1024) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="positive"):
+        peak_lr(lr=0.0)
