@@ -32,7 +32,7 @@ def parse_args(argv=None):
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
-    run.add_argument("--eval", default="knn", help="score the encoder after pre-training: knn (weighted k-NN, "
+    run.add_argument("--eval", default="knn,linear", help="score the encoder after pre-training: knn (weighted k-NN, "
                      "k=20, T=0.07), linear (MAE's linear probe, 90 epochs on cached features), knn,linear "
                      "(both, one feature extraction) or none; on seeded subsets of the splits")
     run.add_argument("--eval-train-images", type=int, default=10_000,

@@ -27,6 +27,9 @@ def parse_args():
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width (authors: 512)")
+    parser.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks (authors: 8)")
+    parser.add_argument("--decoder-heads", type=int, default=16, help="decoder heads (authors: 16)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -41,7 +44,8 @@ def build(method, args, num_images):
 
     encoder = backbones.get_backbone(args.backbone, args.image_size, patch_size=args.patch_size,
                                      position_embedding="sincos")
-    options = {"seed": 0}
+    options = {"seed": 0, "decoder_dim": args.decoder_dim, "decoder_depth": args.decoder_depth,
+               "decoder_heads": args.decoder_heads}
     if method != "mae":
         options["num_images"] = num_images
     model = methods.build_method(method, encoder, **options)
@@ -104,7 +108,8 @@ def main():
 
     keras.utils.set_random_seed(0)
     print(f"backend {keras.backend.backend()}, {args.backbone}/{args.patch_size} at {args.image_size}, "
-          f"batch {args.batch_size}, {os.cpu_count()} CPU cores\n")
+          f"batch {args.batch_size}, decoder {args.decoder_dim}-d x {args.decoder_depth} blocks, "
+          f"{os.cpu_count()} CPU cores\n")
     print("| method | masked / thrown / visible | s per step | images/s |")
     print("|---|---|---|---|")
     times = {}

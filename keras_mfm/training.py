@@ -68,7 +68,7 @@ class PretrainConfig:
     output: str = "runs/mfm"
     jit_compile: str = "auto"
     verbose: int = 1
-    eval: str = "knn"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
+    eval: str = "knn,linear"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
     eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
     eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
 
