@@ -7,7 +7,7 @@
     python eval.py robustness --classifier ft.keras --data ...
 
 Sub-commands:
-  linear      BatchNorm (no affine) + linear head on frozen features, LARS, 90 epochs (MAE's probe)
+  linear      BatchNorm (no affine) + linear head on frozen features, LARS, 90 epochs, peak lr 6.4 (MAE)
   knn         weighted k-NN on L2-normalised features, k=20, T=0.07 (DINO)
   finetune    end to end: AdamW, layer-wise lr decay 0.8, drop path 0.1, label smoothing 0.1,
               RandAugment m9, RandomErasing 0.25, MixUp 0.8 / CutMix 1.0 (SPEC.md recipe)
@@ -231,10 +231,9 @@ def summary(command, metrics):
         losses = metrics["train_loss"]
         return (f"finetune: top-1 {metrics['finetune_top1']:.2f}% (loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
                 f"{images}, {metrics['epochs']} epochs, {metrics['seconds']:.0f} s)")
-    fgsm = ", ".join(f"FGSM {eps}: {top:.2f}%" for eps, top in metrics["fgsm"].items())
-    return (f"robustness: clean {metrics['clean_top1']:.2f}%, corruptions mean "
-            f"{metrics['mean_corruption_top1']:.2f}%, {fgsm} ({metrics['test_images']} test images, "
-            f"{metrics['seconds']:.0f} s)")
+    parts = [f"clean {metrics['clean_top1']:.2f}%", f"corruptions mean {metrics['mean_corruption_top1']:.2f}%"]
+    parts += [f"FGSM {eps}: {top:.2f}%" for eps, top in metrics["fgsm"].items()]
+    return f"robustness: {', '.join(parts)} ({metrics['test_images']} test images, {metrics['seconds']:.0f} s)"
 
 
 def main(argv=None):
