@@ -117,10 +117,10 @@ def parse_args(argv=None):
 
 
 def _probe_arguments(parser, prefix):
-    parser.add_argument(f"--{prefix}pooling" if prefix else "--pooling", choices=("cls", "mean"), default=None,
+    parser.add_argument(f"--{prefix}pooling", choices=("cls", "mean"), default=None,
                         help="ViT features of the linear probe (default: cls)")
     parser.add_argument(f"--{prefix}epochs", type=int, default=90, help="linear probe epochs")
-    parser.add_argument(f"--{prefix}batch-size" if prefix else "--probe-batch-size", type=int, default=256,
+    parser.add_argument("--probe-batch-size", type=int, default=256,
                         help="linear probe batch size")
     parser.add_argument(f"--{prefix}lr", type=float, default=6.4,
                         help="linear probe peak lr (MAE's 0.1 x 16384 / 256; LARS steps do not scale with batch)")

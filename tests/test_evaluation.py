@@ -81,3 +81,14 @@ def test_eval_cli_knn_random_init(tmp_path):
 
     metrics = json.load(open(out))
     assert metrics["train_images"] == 12 and metrics["test_images"] == 12 and 0 <= metrics["knn_top1"] <= 100
+
+
+def test_extract_split_features_equals_one_by_one():
+    encoder = backbones.ViTBackbone(image_size=8, patch_size=4, hidden_dim=8, depth=1, num_heads=2)
+    images = np.random.default_rng(1).random((5, 8, 8, 3)).astype("float32")
+    first, second = [(images[:3], np.array([0, 1, 2]))], [(images[3:], np.array([3, 4]))]
+    both = evaluation.extract_split_features(encoder, [first, second], pooling="mean")
+    for got, dataset in zip(both, (first, second)):
+        want = evaluation.extract_features(encoder, dataset, pooling="mean")
+        np.testing.assert_allclose(got.features, want.features, atol=1e-6)
+        np.testing.assert_array_equal(got.labels, want.labels)

@@ -56,6 +56,11 @@ class Backbone(keras.Model):
                 f"images, got {shape[1]}x{shape[2]}."
             )
 
+    def ensure_built(self):
+        """Create the weights (for `(B, *image_size, 3)` inputs) if they do not exist yet."""
+        if not self.built:
+            self.build((None, *self.image_size, 3))
+
     @property
     def grid_size(self):
         return (self.image_size[0] // self.output_stride, self.image_size[1] // self.output_stride)

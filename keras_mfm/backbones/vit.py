@@ -191,8 +191,7 @@ class ViTBackbone(Backbone):
     def encode(self, images, token_indices=None, return_attention=False, training=None):
         """The last block's output before the final LayerNorm, `(B, 1 + K, D)`, and its attention
         `(B, heads, 1 + K, 1 + K)` (None unless `return_attention`); FAMT reads both."""
-        if not self.built:
-            self.build((None, *self.image_size, 3))
+        self.ensure_built()
         x = self.embed_patches(images)
         if token_indices is not None:
             token_indices = ops.cast(token_indices, "int32")

@@ -33,12 +33,21 @@ def extract_features(encoder, dataset, pooling=None, verbose=0):
 
     `pooling`: "cls" or "mean" for a ViT (default "cls"), "mean" for ResNet (global average).
     """
+    (features,) = extract_split_features(encoder, [dataset], pooling, verbose)
+    return features
+
+
+def extract_split_features(encoder, datasets, pooling=None, verbose=0):
+    """`extract_features` of several data sets (e.g. train and test) with one compiled extractor."""
     pooling = pooling or default_pooling(encoder)
     # A functional wrapper, so `predict_on_batch` runs one compiled function per batch shape.
     inputs = keras.Input((*encoder.image_size, 3))
     extractor = keras.Model(inputs, encoder.pooled_features(encoder(inputs, training=False), pooling))
-    features, labels = _map_batches(extractor, dataset, verbose)
-    return Features(features.astype("float32"), labels)
+    results = []
+    for dataset in datasets:
+        features, labels = _map_batches(extractor, dataset, verbose)
+        results.append(Features(features.astype("float32"), labels))
+    return results
 
 
 def predict_logits(classifier, dataset, verbose=0):
@@ -76,12 +85,18 @@ class EvaluationData:
     def num_classes(self):
         return len(self.class_names)
 
+    def datasets(self, image_size, batch_size):
+        """Both splits as un-augmented `(images, labels)` batches of `image_size`, in order."""
+        from keras_mfm import data
 
-def load_evaluation_data(source, train_images=None, test_images=None, seed=0, encoder=None):
+        return [data.evaluation_dataset(split, image_size, batch_size, cache=False) for split in (self.train, self.test)]
+
+
+def load_evaluation_data(source, train_images=None, test_images=None, seed=0):
     """Both splits of `source` (spec string or `DataSource`), optionally seeded subsets.
 
-    Checks what every protocol needs: a test split, the same classes in both splits (at least 2)
-    and, given an `encoder`, nothing else (its image size is honoured by resizing).
+    Checks what every protocol needs: a test split and the same classes in both splits (at
+    least 2). Images are resized to the encoder's size when batched (`EvaluationData.datasets`).
     """
     from keras_mfm import data
 

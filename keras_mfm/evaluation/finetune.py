@@ -50,8 +50,7 @@ class SoftTargetCrossEntropy(keras.losses.Loss):
 
 def copy_encoder(encoder, drop_path_rate=None):
     """A fresh copy of `encoder` with its weights (and, for a ViT, a new drop-path rate)."""
-    if not encoder.built:
-        encoder.build((None, *encoder.image_size, 3))
+    encoder.ensure_built()
     config = encoder.get_config()
     if drop_path_rate is not None and "drop_path_rate" in config:
         config["drop_path_rate"] = float(drop_path_rate)

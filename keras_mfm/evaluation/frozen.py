@@ -2,7 +2,7 @@
 
 import time
 
-from keras_mfm.evaluation.features import Result, default_pooling, extract_features, load_evaluation_data
+from keras_mfm.evaluation.features import Result, default_pooling, extract_split_features, load_evaluation_data
 from keras_mfm.evaluation.knn import knn_accuracy
 from keras_mfm.evaluation.linear_probe import linear_probe_on_features
 
@@ -17,8 +17,6 @@ def evaluate_frozen_on_data(encoder, source, protocols=FROZEN_PROTOCOLS, batch_s
     Returns a `Result` with `knn_top1` and/or `linear_top1` (+ the linear probe's details under
     `"linear"`); `.classifier` is the linear probe's classifier when it ran.
     """
-    from keras_mfm import data
-
     protocols = list(protocols)
     for protocol in protocols:
         if protocol not in FROZEN_PROTOCOLS:
@@ -26,9 +24,7 @@ def evaluate_frozen_on_data(encoder, source, protocols=FROZEN_PROTOCOLS, batch_s
     start = time.perf_counter()
     splits = load_evaluation_data(source, train_images, test_images, seed)
     pooling = pooling or default_pooling(encoder)
-    datasets = [data.evaluation_dataset(split, encoder.image_size, batch_size, cache=False)
-                for split in (splits.train, splits.test)]
-    train, test = (extract_features(encoder, dataset, pooling, verbose) for dataset in datasets)
+    train, test = extract_split_features(encoder, splits.datasets(encoder.image_size, batch_size), pooling, verbose)
     metrics = {"protocols": protocols, "pooling": pooling, "train_images": int(len(train.labels)),
                "test_images": int(len(test.labels)), "feature_seconds": time.perf_counter() - start}
     classifier = None

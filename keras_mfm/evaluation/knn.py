@@ -10,7 +10,7 @@ import time
 import numpy as np
 from keras import ops
 
-from keras_mfm.evaluation.features import Result, default_pooling, extract_features, load_evaluation_data
+from keras_mfm.evaluation.features import Result, default_pooling, extract_split_features, load_evaluation_data
 
 
 def knn_predict(train_features, train_labels, test_features, k=20, temperature=0.07, num_classes=None, chunk=1024):
@@ -53,8 +53,7 @@ def evaluate_knn(encoder, train_dataset, test_dataset, k=20, temperature=0.07, p
     """Extracts features of both splits (`(images, labels)` batches) and returns a `Result` with
     `knn_top1` (%)."""
     start = time.perf_counter()
-    train = extract_features(encoder, train_dataset, pooling, verbose)
-    test = extract_features(encoder, test_dataset, pooling, verbose)
+    train, test = extract_split_features(encoder, [train_dataset, test_dataset], pooling, verbose)
     return Result({
         "protocol": "knn",
         "knn_top1": knn_accuracy(train, test, k, temperature),
@@ -71,12 +70,6 @@ def evaluate_knn_on_data(encoder, source, batch_size=256, train_images=None, tes
                          k=20, temperature=0.07, pooling=None, verbose=0):
     """`evaluate_knn` on a data source (spec or `DataSource`): seeded subsets of its splits when
     `train_images`/`test_images` are given, each image resized to the encoder's size."""
-    from keras_mfm import data
-
     splits = load_evaluation_data(source, train_images, test_images, seed)
-    return evaluate_knn(
-        encoder,
-        data.evaluation_dataset(splits.train, encoder.image_size, batch_size, cache=False),
-        data.evaluation_dataset(splits.test, encoder.image_size, batch_size, cache=False),
-        k=k, temperature=temperature, pooling=pooling, verbose=verbose,
-    )
+    return evaluate_knn(encoder, *splits.datasets(encoder.image_size, batch_size), k=k, temperature=temperature,
+                        pooling=pooling, verbose=verbose)

@@ -22,7 +22,7 @@ import numpy as np
 from keras_mfm.evaluation.features import (
     Result,
     default_pooling,
-    extract_features,
+    extract_split_features,
     load_evaluation_data,
     top1,
 )
@@ -108,8 +108,7 @@ def linear_probe(encoder, train_dataset, test_dataset, num_classes=None, class_n
     """
     start = time.perf_counter()
     pooling = pooling or default_pooling(encoder)
-    train = extract_features(encoder, train_dataset, pooling, verbose)
-    test = extract_features(encoder, test_dataset, pooling, verbose)
+    train, test = extract_split_features(encoder, [train_dataset, test_dataset], pooling, verbose)
     feature_seconds = time.perf_counter() - start
     result = linear_probe_on_features(encoder, train, test, num_classes, class_names, pooling, epochs, batch_size,
                                       lr, warmup_epochs, weight_decay, seed, verbose, base_lr)
@@ -160,14 +159,11 @@ def linear_probe_on_data(encoder, source, batch_size=256, train_images=None, tes
 
     `batch_size` is the feature-extraction batch; the head's is `options["probe_batch_size"]`.
     """
-    from keras_mfm import data
-
     splits = load_evaluation_data(source, train_images, test_images, seed)
     options["batch_size"] = options.pop("probe_batch_size", 256)
     return linear_probe(
         encoder,
-        data.evaluation_dataset(splits.train, encoder.image_size, batch_size, cache=False),
-        data.evaluation_dataset(splits.test, encoder.image_size, batch_size, cache=False),
+        *splits.datasets(encoder.image_size, batch_size),
         class_names=splits.class_names,
         seed=seed,
         verbose=verbose,

@@ -73,9 +73,7 @@ class ImageClassifier(EncoderModel):
     def build(self, input_shape=None):
         if self.built:
             return
-        height, width = self.encoder.image_size
-        if not self.encoder.built:
-            self.encoder.build((None, height, width, 3))
+        self.encoder.ensure_built()
         self.head.build((None, self.encoder.num_features))
         self.built = True
 

@@ -159,16 +159,14 @@ class MAE(EncoderModel):
         self.importance = importance
         self.num_images = int(num_images) if importance else None
         self.warmup_mask_ratio = float(warmup_mask_ratio)
-        self.warmup_counts = token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0)
+        token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0)  # validates the warm-up ratio
         self.cutoff = float(cutoff)
         self.importance_ready = False  # Python-level phase: shapes differ before/after the first refresh
 
     def build(self, input_shape=None):
         if self.built:
             return
-        height, width = self.encoder.image_size
-        if not self.encoder.built:
-            self.encoder.build((None, height, width, 3))
+        self.encoder.ensure_built()
         self.decoder.build((None, None, self.encoder.hidden_dim))
         if self.importance:
             self.importance_table = self.add_weight(
