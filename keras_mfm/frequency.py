@@ -10,6 +10,9 @@ Conventions (the authors' code):
 - A *kept-mask* `M` has `1` where a frequency is kept and `0` where it is masked.
 - Low-pass keeps `|k| < r`; high-pass keeps `|k| >= r` (`1 - low-pass`), where `|k|` is the
   Euclidean distance of a (shifted) frequency index from the centre.
+- Optional band (the authors' MASK_RADIUS1 = r1, MASK_RADIUS2 = r2): the "low-pass" draw keeps
+  `|k| < r1 or |k| >= r2` (band-stop), the "high-pass" draw keeps the ring `r1 <= |k| < r2`
+  (band-pass). Without r2 (the authors' 999) this is the plain circular low/high-pass.
 
 Since `fftshift` is a permutation, `ifftshift(fftshift(F) * M) == F * ifftshift(M)`; the functions
 below shift the (small, shared) mask instead of every spectrum, which is exact and cheaper.
@@ -68,6 +71,20 @@ def check_radius(size, radius, name="radius"):
         )
 
 
+def check_outer_radius(radius, outer_radius, radius_name="radius"):
+    """Raise a clear `ValueError` unless `outer_radius` (r2) is a number larger than `radius` (r1).
+
+    r2 may exceed `max_radius(size)`; the band then reaches past the spectrum and has no effect.
+    """
+    if not isinstance(outer_radius, (int, float, np.floating, np.integer)) or math.isnan(outer_radius):
+        raise ValueError(f"`outer_radius` must be a number, got {outer_radius!r}.")
+    if outer_radius <= radius:
+        raise ValueError(
+            f"`outer_radius`={outer_radius} must be larger than `{radius_name}`={radius}: the band "
+            "r1 <= |k| < r2 would be empty."
+        )
+
+
 def circular_mask_numpy(size, radius, low_pass=True):
     """NumPy version of `circular_mask` (float32 array of shape `(H, W)`)."""
     check_radius(size, radius)
@@ -87,6 +104,33 @@ def circular_mask(size, radius, low_pass=True):
         low_pass: keep the low frequencies (True) or the high ones (False).
     """
     return ops.convert_to_tensor(circular_mask_numpy(size, radius, low_pass), dtype="float32")
+
+
+def band_mask_numpy(size, radius, outer_radius=None, low_pass=True):
+    """NumPy version of `band_mask` (float32 array of shape `(H, W)`)."""
+    if outer_radius is None:
+        return circular_mask_numpy(size, radius, low_pass)
+    check_radius(size, radius)
+    check_outer_radius(radius, outer_radius)
+    distance = _distance_from_centre(size)
+    ring = ((distance >= radius) & (distance < outer_radius)).astype("float32")
+    return 1.0 - ring if low_pass else ring
+
+
+def band_mask(size, radius, outer_radius=None, low_pass=True):
+    """The authors' band kept-mask of shape `(H, W)` (float32, `1` = kept).
+
+    `M = 0` where `r1 <= |k| < r2` and `1` elsewhere (r1 = `radius`, r2 = `outer_radius`); the
+    low-pass draw keeps `M` (band-stop), the high-pass draw keeps `1 - M` (the ring, band-pass).
+    With `outer_radius=None` this is `circular_mask(size, radius, low_pass)`.
+
+    Args:
+        size: int or `(H, W)`.
+        radius: inner radius r1, `0 < r1 <= max_radius(size)`.
+        outer_radius: outer radius r2 > r1 or `None` (no band); may exceed `max_radius(size)`.
+        low_pass: the low-pass draw (True) or the high-pass one (False).
+    """
+    return ops.convert_to_tensor(band_mask_numpy(size, radius, outer_radius, low_pass), dtype="float32")
 
 
 def fftshift2d(x):
@@ -151,12 +195,8 @@ def frequency_filter(images, mask):
     return ops.transpose(filtered, (0, 2, 3, 1))
 
 
-def frequency_distance(pred, target, gamma=1.0):
-    """Per-frequency distance `|P - T| ** gamma` of orthonormal spectra, shape `(B, C, H, W)`.
-
-    `d = sqrt((Re P - Re T)^2 + (Im P - Im T)^2 + 1e-12) ** gamma` with `P = fft2(pred) / sqrt(HW)`,
-    `T = fft2(target) / sqrt(HW)`, float32, un-shifted frequency layout.
-    """
+def _difference_spectrum(pred, target):
+    """(real, imag) of `P - T`, orthonormal spectra, each `(B, C, H, W)`, un-shifted, float32."""
     _check_images(pred, "pred")
     _check_images(target, "target")
     if tuple(pred.shape[1:]) != tuple(target.shape[1:]):
@@ -169,28 +209,86 @@ def frequency_distance(pred, target, gamma=1.0):
     diff = ops.cast(pred, "float32") - ops.cast(target, "float32")
     real, imag = _spectrum(diff)
     scale = 1.0 / math.sqrt(height * width)
-    squared = (real * scale) ** 2 + (imag * scale) ** 2 + 1e-12
+    return real * scale, imag * scale
+
+
+def _distance(real, imag, gamma):
+    squared = real**2 + imag**2 + 1e-12
     if gamma == 1.0:
         return ops.sqrt(squared)
     return ops.power(squared, 0.5 * gamma)
 
 
-def frequency_loss(pred, target, mask=None, gamma=1.0):
+def _focal_weights(real, imag, alpha, log, batch):
+    real, imag = ops.stop_gradient(real), ops.stop_gradient(imag)
+    weights = ops.sqrt(real**2 + imag**2)
+    if alpha != 1.0:
+        weights = ops.power(weights, alpha)
+    if log:
+        weights = ops.log1p(weights)
+    if batch:
+        peak = ops.max(weights)
+    else:
+        peak = ops.max(weights, axis=(2, 3), keepdims=True)
+    # 0 / 0 (pred == target) would be NaN, which the authors set to 0: never divide by 0 instead.
+    positive = peak > 0.0
+    weights = ops.where(positive, weights / ops.where(positive, peak, 1.0), 0.0)
+    weights = ops.where(ops.isnan(weights), 0.0, weights)
+    return ops.stop_gradient(ops.clip(weights, 0.0, 1.0))
+
+
+def frequency_distance(pred, target, gamma=1.0):
+    """Per-frequency distance `|P - T| ** gamma` of orthonormal spectra, shape `(B, C, H, W)`.
+
+    `d = sqrt((Re P - Re T)^2 + (Im P - Im T)^2 + 1e-12) ** gamma` with `P = fft2(pred) / sqrt(HW)`,
+    `T = fft2(target) / sqrt(HW)`, float32, un-shifted frequency layout.
+    """
+    return _distance(*_difference_spectrum(pred, target), gamma)
+
+
+def focal_weights(pred, target, alpha=1.0, log=False, batch=False):
+    """Spectrum weight matrix of the focal frequency loss (Jiang et al. 2021), `(B, C, H, W)`.
+
+    On the orthonormal spectra `P`, `T` (same un-shifted layout as `frequency_distance`):
+    `w = |P - T| ** alpha` (no epsilon); `w = log(w + 1)` if `log`; `w = w / max(w)` over the whole
+    batch if `batch`, else over `(H, W)` per image and channel; NaN (0 / 0) -> 0; clip to [0, 1].
+    The weights are constants for the gradient (`stop_gradient`).
+
+    Args:
+        pred, target: `(B, H, W, C)` images.
+        alpha: exponent of the spectrum distance (the authors' `alpha`, 1).
+        log: the authors' `log_matrix`.
+        batch: the authors' `batch_matrix`.
+    """
+    return _focal_weights(*_difference_spectrum(pred, target), alpha, log, batch)
+
+
+def frequency_loss(
+    pred, target, mask=None, gamma=1.0, focal=False, focal_alpha=1.0, focal_log=False, focal_batch=False
+):
     """MFM's frequency loss (SPEC.md section 1), a float32 scalar.
 
     With a kept-mask `M` (the corruption's mask), the distance is averaged over the *masked*
     frequencies only, over all channels and images:
     `loss = sum(d * (1 - M)) / (sum(1 - M) * C)`.
     Without a mask, it is the mean over the full spectrum (restoration baselines, or the paper's
-    ablation).
+    ablation). With `focal`, `d` is replaced by `w * d`, `w = focal_weights(...)` (the focal
+    frequency loss' spectrum weight matrix, a constant for the gradient); the denominator is
+    unchanged.
 
     Args:
         pred: `(B, H, W, C)` predicted images (normalised space).
         target: `(B, H, W, C)` target images (normalised space).
         mask: optional kept-mask `(H, W)` or `(B, H, W)` (1 = kept, i.e. not scored).
         gamma: exponent of the distance (1 in every released config).
+        focal: weight the distance with the focal spectrum weight matrix (off in every released
+            config).
+        focal_alpha, focal_log, focal_batch: `alpha`, `log` and `batch` of `focal_weights`.
     """
-    distance = frequency_distance(pred, target, gamma)
+    real, imag = _difference_spectrum(pred, target)
+    distance = _distance(real, imag, gamma)
+    if focal:
+        distance = distance * _focal_weights(real, imag, focal_alpha, focal_log, focal_batch)
     if mask is None:
         return ops.mean(distance)
     height, width = pred.shape[1], pred.shape[2]

@@ -165,3 +165,203 @@ def test_low_precision_inputs_are_computed_in_float32(dtype):
     assert keras.backend.standardize_dtype(low.dtype) == "float32"
     loss = frequency.frequency_loss(ops.cast(images, dtype), ops.zeros_like(ops.cast(images, dtype)), mask)
     assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+
+
+# --- band masks (the authors' MASK_RADIUS1 = r1, MASK_RADIUS2 = r2) ---
+
+
+def test_band_mask_hand_computed():
+    # 9x9, centre (4, 4), r1 = 1.5, r2 = 3: the ring 2.25 <= d^2 < 9 is d^2 in {4, 5, 8}, i.e. the
+    # 5x5 block around the centre without its 3x3 core (d^2 <= 2); (4, 7) at d^2 = 9 is outside.
+    ring = np.zeros((9, 9))
+    ring[2:7, 2:7] = 1
+    ring[3:6, 3:6] = 0
+    assert ring.sum() == 16
+    band_pass = to_numpy(frequency.band_mask(9, 1.5, 3.0, low_pass=False))
+    band_stop = to_numpy(frequency.band_mask(9, 1.5, 3.0, low_pass=True))
+    assert band_pass.shape == (9, 9) and band_pass.dtype == np.float32
+    np.testing.assert_array_equal(band_pass, ring)
+    np.testing.assert_array_equal(band_stop, 1 - ring)
+    assert band_pass[6, 6] == 1 and band_pass[4, 7] == 0 and band_pass[4, 4] == 0
+    np.testing.assert_array_equal(reference.band_mask(9, 9, 1.5, 3.0, low_pass=False), ring)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("radii", [(0.5, 1.5), (1.0, 2.0), (1.5, 3.0), (2.3, 3.9)])
+@pytest.mark.parametrize("low_pass", [True, False])
+def test_band_mask_matches_reference(size, radii, low_pass):
+    got = to_numpy(frequency.band_mask(size, *radii, low_pass=low_pass))
+    np.testing.assert_array_equal(got, reference.band_mask(*size, *radii, low_pass))
+    np.testing.assert_array_equal(frequency.band_mask_numpy(size, *radii, low_pass=low_pass), got)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 10)])
+@pytest.mark.parametrize("low_pass", [True, False])
+def test_band_mask_without_band_is_circular(size, low_pass):
+    circle = reference.circular_mask(*size, 2.0, low_pass)
+    for outer in [None, frequency.max_radius(size) + 1e-3, 999.0, float("inf")]:
+        np.testing.assert_array_equal(to_numpy(frequency.band_mask(size, 2.0, outer, low_pass)), circle)
+    # r2 just at the farthest frequency still removes it from the ring (|k| < r2 is strict)
+    at_edge = to_numpy(frequency.band_mask(size, 2.0, frequency.max_radius(size), low_pass))
+    assert not np.array_equal(at_edge, circle)
+
+
+@pytest.mark.parametrize("size", [(9, 9), (7, 10), (16, 16)])
+def test_band_filter_matches_reference(size):
+    rng = np.random.default_rng(size[1])
+    images = rng.random((2, *size, 3))
+    stop = reference.band_mask(*size, 1.5, 3.0, True)
+    masks = np.stack([stop, 1 - stop])
+    got = frequency.frequency_filter(
+        images.astype("float32"),
+        ops.stack([frequency.band_mask(size, 1.5, 3.0, True), frequency.band_mask(size, 1.5, 3.0, False)]),
+    )
+    np.testing.assert_allclose(to_numpy(got), reference.frequency_filter(images, masks), atol=1e-5)
+
+
+@pytest.mark.parametrize("outer", [2.0, 1.0, 0.0, -3.0])
+def test_outer_radius_not_larger_than_radius(outer):
+    with pytest.raises(ValueError, match=r"`outer_radius`=.* must be larger than `radius`=2"):
+        frequency.band_mask(16, 2.0, outer)
+
+
+def test_bad_outer_radius_value():
+    with pytest.raises(ValueError, match="outer_radius"):
+        frequency.band_mask(16, 2.0, float("nan"))
+    with pytest.raises(ValueError, match="larger than the spectrum"):  # r1 is still checked
+        frequency.band_mask(16, 12.0, 999.0)
+
+
+# --- focal spectrum weight matrix (focal frequency loss, Jiang et al. 2021) ---
+
+FOCAL_OPTIONS = [
+    dict(alpha=alpha, log=log, batch=batch) for alpha in (1.0, 2.0) for log in (False, True) for batch in (False, True)
+]
+
+
+@pytest.mark.parametrize("options", FOCAL_OPTIONS, ids=lambda o: "a{alpha:g}-log{log:d}-batch{batch:d}".format(**o))
+def test_focal_weights_match_reference(options):
+    rng = np.random.default_rng(11)
+    pred = rng.normal(size=(3, 6, 7, 2))
+    target = rng.normal(size=(3, 6, 7, 2))
+    got = to_numpy(frequency.focal_weights(pred.astype("float32"), target.astype("float32"), **options))
+    assert got.shape == (3, 2, 6, 7) and got.dtype == np.float32
+    # un-shifted layout (like frequency_distance); the reference is fftshift-ed
+    want = reference.focal_weights(pred, target, **options)
+    np.testing.assert_allclose(np.fft.fftshift(got, axes=(-2, -1)), want, atol=1e-5)
+    assert got.min() >= 0.0 and got.max() <= 1.0
+    if options["batch"]:
+        np.testing.assert_allclose(got.max(), 1.0, rtol=1e-6)
+        assert np.all(got.max(axis=(2, 3)) < 1.0 + 1e-6)
+    else:
+        np.testing.assert_allclose(got.max(axis=(2, 3)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", FOCAL_OPTIONS, ids=lambda o: "a{alpha:g}-log{log:d}-batch{batch:d}".format(**o))
+@pytest.mark.parametrize("masked", [True, False])
+def test_focal_loss_matches_reference(options, masked):
+    rng = np.random.default_rng(13)
+    pred = rng.normal(size=(2, 8, 7, 3))
+    target = rng.normal(size=(2, 8, 7, 3))
+    low = reference.circular_mask(8, 7, 2.5, True)
+    masks = np.stack([low, 1 - low]) if masked else None
+    got = frequency.frequency_loss(
+        pred.astype("float32"),
+        target.astype("float32"),
+        None if masks is None else masks.astype("float32"),
+        focal=True,
+        focal_alpha=options["alpha"],
+        focal_log=options["log"],
+        focal_batch=options["batch"],
+    )
+    want = reference.frequency_loss(pred, target, masks, focal=True, **options)
+    np.testing.assert_allclose(float(to_numpy(got)), want, rtol=1e-5, atol=1e-7)
+    # the weights are in [0, 1], so the focal loss is at most the plain one
+    plain = reference.frequency_loss(pred, target, masks)
+    assert want < plain
+
+
+def test_focal_off_by_default():
+    rng = np.random.default_rng(2)
+    pred, target = rng.normal(size=(2, 2, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(
+        float(to_numpy(frequency.frequency_loss(pred, target))),
+        reference.frequency_loss(pred.astype("float64"), target.astype("float64")),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+def test_focal_loss_gradient_holds_weights_constant(masked, batch):
+    rng = np.random.default_rng(17)
+    pred = rng.normal(size=(2, 6, 6, 2)).astype("float32")
+    target = rng.normal(size=(2, 6, 6, 2)).astype("float32")
+    mask = frequency.circular_mask(6, 1.5, low_pass=False) if masked else None
+    options = dict(focal=True, focal_alpha=2.0, focal_log=True, focal_batch=batch)
+    # the weights at this pred, passed as constants
+    weights = to_numpy(frequency.focal_weights(pred, target, alpha=2.0, log=True, batch=batch))
+    scored = np.ones((6, 6), "float32") if mask is None else np.fft.ifftshift(1 - to_numpy(mask))
+    denominator = float(scored.sum() * 2 * 2)  # frequencies x channels x images
+    weights = ops.convert_to_tensor(weights * scored, "float32")
+
+    def constant_weights_loss(p):
+        distance = frequency.frequency_distance(p, target)
+        return ops.sum(distance * weights) / denominator
+
+    value, grad = value_and_grad(lambda p: frequency.frequency_loss(p, target, mask, **options), pred)
+    want_value, want_grad = value_and_grad(constant_weights_loss, pred)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-7)
+    assert np.abs(grad).max() > 1e-4
+    # independent check: float64 finite differences of the NumPy loss with the reference weights held
+    # fixed; letting the weights vary as well gives a different derivative.
+    fixed = reference.focal_weights(pred.astype("float64"), target.astype("float64"), 2.0, True, batch)
+    masks = None if mask is None else np.stack([to_numpy(mask)] * 2).astype("float64")
+
+    def fixed_weights_loss(p):
+        total = 0.0
+        for b in range(2):
+            for c in range(2):
+                spectra = [np.fft.fftshift(np.fft.fft2(x[b, :, :, c], norm="ortho")) for x in (p, target)]
+                d = np.sqrt(np.abs(spectra[0] - spectra[1]) ** 2 + 1e-12)
+                total += np.sum(fixed[b, c] * d * (1.0 if masks is None else 1.0 - masks[b]))
+        return total / denominator
+
+    def focal(p):  # the weights move with p
+        return reference.frequency_loss(p, target, masks, focal=True, alpha=2.0, log=True, batch=batch)
+
+    eps = 1e-5
+    indices = [(0, 0, 0, 0), (0, 2, 3, 1), (1, 5, 1, 0)]
+    moving = []
+    for index in indices:
+        up, down = pred.astype("float64"), pred.astype("float64")
+        up[index] += eps
+        down[index] -= eps
+        numeric = (fixed_weights_loss(up) - fixed_weights_loss(down)) / (2 * eps)
+        np.testing.assert_allclose(grad[index], numeric, rtol=1e-3, atol=1e-6)
+        moving.append((focal(up) - focal(down)) / (2 * eps))
+    assert not np.allclose(moving, [grad[i] for i in indices], rtol=1e-2)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("masked", [True, False])
+def test_focal_loss_pred_equals_target_is_finite(log, batch, masked):
+    rng = np.random.default_rng(19)
+    target = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    mask = frequency.circular_mask(6, 1.5, low_pass=False) if masked else None
+    options = dict(focal=True, focal_log=log, focal_batch=batch)
+    # everything equal: all weights 0/0 -> 0, loss 0
+    weights = to_numpy(frequency.focal_weights(target, target, log=log, batch=batch))
+    assert np.all(weights == 0)
+    value, grad = value_and_grad(lambda p: frequency.frequency_loss(p, target, mask, **options), target)
+    assert value == 0 and np.all(np.isfinite(grad))
+    # one image equal, the other not: finite, and the differing image still gets a gradient
+    pred = target.copy()
+    pred[1] += rng.normal(size=pred[1].shape).astype("float32")
+    weights = to_numpy(frequency.focal_weights(pred, target, log=log, batch=batch))
+    assert np.all(np.isfinite(weights)) and np.all(weights[0] == 0)
+    value, grad = value_and_grad(lambda p: frequency.frequency_loss(p, target, mask, **options), pred)
+    assert np.isfinite(value) and value > 0 and np.all(np.isfinite(grad))
+    assert np.abs(grad[1]).max() > 1e-4

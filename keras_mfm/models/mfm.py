@@ -3,6 +3,10 @@
     x in [0, 1] --FrequencyMasking--> x_c, M --encoder--> features --head--> pred
     loss = frequency_loss(pred, normalise(x), M)      (masked frequencies only)
 
+The restoration baselines are the same model with another corruption layer
+(`keras_mfm.layers.restoration`: `Downsampling`, `GaussianBlur`, `AdditiveNoise`), whose kept-mask
+is all zeros, so the same loss averages over the whole spectrum.
+
 The encoder sees the whole corrupted image (no mask token); the one-layer head is a 1x1
 convolution to `stride^2 * 3` channels followed by a pixel shuffle (depth-to-space) by the
 encoder's output stride, so `pred` has the input's size. The loss is computed in
@@ -15,6 +19,8 @@ from keras import ops
 from keras_mfm.frequency import frequency_loss
 from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.models.base import EncoderModel
+
+LOSSES = ("frequency", "pixel")
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
@@ -59,11 +65,15 @@ class MFM(EncoderModel):
     Args:
         encoder: a `keras_mfm.backbones.Backbone` (ViT or ResNet-50).
         corruption: a layer `images -> (corrupted, kept_mask)`; default
-            `FrequencyMasking(radius, p_low, seed)`.
-        radius, p_low, seed: arguments of the default `FrequencyMasking`.
+            `FrequencyMasking(radius, p_low, seed, outer_radius, radius_range)`.
+        radius, p_low, seed, outer_radius, radius_range: arguments of the default `FrequencyMasking`.
         masked_loss: average the loss over the masked frequencies only (the paper's choice, True)
             or over the full spectrum (False).
+        loss: `"frequency"` (the frequency loss) or `"pixel"` (mean squared error of the normalised
+            pixels over the whole image, the spatial-domain alternative).
         gamma: exponent of the frequency distance.
+        focal, focal_alpha, focal_log, focal_batch: the focal spectrum weight matrix of the focal
+            frequency loss (`frequency.focal_weights`; off in the authors' configs).
 
     Call: `images (B, H, W, 3)` in [0, 1] -> `(pred (B, H, W, 3), kept_mask (B, H, W))`.
     Train with `model.compile(optimizer)` (no `loss`) and `model.fit(images)`; labels, if the
@@ -81,15 +91,30 @@ class MFM(EncoderModel):
         seed=None,
         masked_loss=True,
         gamma=1.0,
+        loss="frequency",
+        focal=False,
+        focal_alpha=1.0,
+        focal_log=False,
+        focal_batch=False,
+        outer_radius=None,
+        radius_range=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
         self.encoder = encoder
         if corruption is None:
-            corruption = FrequencyMasking(radius=radius, p_low=p_low, seed=seed, name="frequency_masking")
+            corruption = FrequencyMasking(radius=radius, p_low=p_low, seed=seed, outer_radius=outer_radius,
+                                          radius_range=radius_range, name="frequency_masking")
         self.corruption = corruption
         self.masked_loss = bool(masked_loss)
         self.gamma = float(gamma)
+        self.loss_type = loss
+        self.focal = bool(focal)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_log = bool(focal_log)
+        self.focal_batch = bool(focal_batch)
         self.head = PixelShuffleHead(encoder.output_stride, 3, dtype=self.dtype_policy, name="head")
 
     def build(self, input_shape=None):
@@ -112,7 +137,13 @@ class MFM(EncoderModel):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         pred, mask = y_pred
         target = self.encoder.normalize(x)
-        loss = frequency_loss(pred, target, mask if self.masked_loss else None, self.gamma)
+        if self.loss_type == "pixel":
+            loss = ops.mean(ops.square(ops.cast(pred, "float32") - target))
+        else:
+            loss = frequency_loss(
+                pred, target, mask if self.masked_loss else None, self.gamma, focal=self.focal,
+                focal_alpha=self.focal_alpha, focal_log=self.focal_log, focal_batch=self.focal_batch,
+            )
         for extra in self.losses:
             loss = loss + ops.cast(extra, loss.dtype)
         return loss
@@ -123,6 +154,11 @@ class MFM(EncoderModel):
             {
                 "masked_loss": self.masked_loss,
                 "gamma": self.gamma,
+                "loss": self.loss_type,
+                "focal": self.focal,
+                "focal_alpha": self.focal_alpha,
+                "focal_log": self.focal_log,
+                "focal_batch": self.focal_batch,
             }
         )
         return config
