@@ -1,6 +1,15 @@
 """Keras layers of keras_mfm."""
 
 from keras_mfm.layers.frequency_masking import FrequencyMasking
+from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur, RestorationCorruption
 from keras_mfm.layers.transformer import MultiHeadSelfAttention, TransformerBlock
 
-__all__ = ["FrequencyMasking", "MultiHeadSelfAttention", "TransformerBlock"]
+__all__ = [
+    "AdditiveNoise",
+    "Downsampling",
+    "FrequencyMasking",
+    "GaussianBlur",
+    "MultiHeadSelfAttention",
+    "RestorationCorruption",
+    "TransformerBlock",
+]
