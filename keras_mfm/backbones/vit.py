@@ -156,12 +156,22 @@ class ViTBackbone(Backbone):
         self.built = True
 
     # -- forward ------------------------------------------------------------------------------
-    def embed_patches(self, images):
-        """`(B, H, W, 3)` in [0, 1] -> patch tokens with position embedding, `(B, N, D)`."""
+    def embed_patches(self, images, patch_mask=None, mask_token=None):
+        """`(B, H, W, 3)` in [0, 1] -> patch tokens with position embedding, `(B, N, D)`.
+
+        With `patch_mask` `(B, N)` (1 = masked) and `mask_token` `(1, 1, D)`, the embeddings of
+        the masked patches are replaced by the mask token before the position embedding is added
+        (SimMIM): `x = (1 - m) * embed(x) + m * mask_token + pos`.
+        """
         self.check_images(images)
         x = ops.cast(self.normalize(images), self.compute_dtype)
         x = self.patch_embedding(x)
         x = ops.reshape(x, (ops.shape(x)[0], self.num_patches, self.hidden_dim))
+        if patch_mask is not None:
+            if mask_token is None:
+                raise ValueError("`patch_mask` needs a `mask_token` of shape (1, 1, hidden_dim).")
+            weight = ops.cast(patch_mask, x.dtype)[:, :, None]
+            x = x * (1.0 - weight) + ops.cast(mask_token, x.dtype) * weight
         return x + ops.cast(self.position_embedding[:, 1:], x.dtype)
 
     def prepend_cls(self, tokens):
@@ -170,29 +180,33 @@ class ViTBackbone(Backbone):
         cls = ops.broadcast_to(cls, (ops.shape(tokens)[0], 1, self.hidden_dim))
         return ops.concatenate([cls, tokens], axis=1)
 
-    def call(self, images, token_indices=None, return_attention=False, training=None):
+    def call(self, images, token_indices=None, return_attention=False, training=None, patch_mask=None,
+             mask_token=None):
         """Encode images.
 
         Args:
             images: `(B, H, W, 3)` in [0, 1].
             token_indices: optional int `(B, K)`: keep only these patches (row-major indices).
             return_attention: also return the last block's attention `(B, heads, 1+K, 1+K)`.
+            patch_mask, mask_token: optional `(B, N)` 0/1 mask and `(1, 1, D)` token that replaces
+                the masked patches' embeddings (SimMIM; see `embed_patches`).
 
         Returns:
             tokens `(B, 1 + K, D)` after the final LayerNorm (`K = N` without `token_indices`),
             or `(tokens, attention)`.
         """
-        x, attention = self.encode(images, token_indices, return_attention, training)
+        x, attention = self.encode(images, token_indices, return_attention, training, patch_mask, mask_token)
         x = self.norm(x)
         if return_attention:
             return x, attention
         return x
 
-    def encode(self, images, token_indices=None, return_attention=False, training=None):
+    def encode(self, images, token_indices=None, return_attention=False, training=None, patch_mask=None,
+               mask_token=None):
         """The last block's output before the final LayerNorm, `(B, 1 + K, D)`, and its attention
         `(B, heads, 1 + K, 1 + K)` (None unless `return_attention`); FAMT reads both."""
         self.ensure_built()
-        x = self.embed_patches(images)
+        x = self.embed_patches(images, patch_mask, mask_token)
         if token_indices is not None:
             token_indices = ops.cast(token_indices, "int32")
             x = ops.take_along_axis(x, token_indices[:, :, None], axis=1)

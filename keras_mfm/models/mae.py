@@ -20,8 +20,7 @@ from keras import ops
 
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock
-from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
-from keras_mfm.models.base import EncoderModel
+from keras_mfm.models.token_masking import TokenMaskingModel
 
 
 def patchify(images, patch_size):
@@ -112,15 +111,11 @@ class MAEDecoder(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
-class MAE(EncoderModel):
+class MAE(TokenMaskingModel):
     """MAE pre-training around a `ViTBackbone`, with optional token throwing (FAMT).
 
-    Inputs: images `(B, H, W, 3)` in [0, 1], or `{"images": ..., "importance": (B, N)}` to draw
-    the masked/thrown patches by importance instead of uniformly, or (AMT/FAMT, `importance` set)
-    `{"images", "index", "box", "flip"}` (`data.pretraining_dataset(with_geometry=True)`): each
-    image's map is read from the importance table, cropped and flipped like the image, and drives
-    the draw once the table has been filled (before that: random masking at `warmup_mask_ratio`,
-    no throwing).
+    Inputs and the importance table: see `TokenMaskingModel` (images, or a dict with `importance`
+    or with the image `index`, crop `box` and `flip` for AMT/FAMT).
 
     Args:
         encoder: a `keras_mfm.backbones.ViTBackbone` (MAE uses the fixed sin-cos embedding).
@@ -128,96 +123,26 @@ class MAE(EncoderModel):
         throw_ratio: share of patches thrown away (MAE 0; FAMT 0.40).
         decoder_dim, decoder_depth, decoder_heads: the decoder (MAE: 512, 8, 16).
         norm_pix_loss: per-patch normalised pixel targets (mean 0, variance 1 per patch).
-        seed: seed of the token draws.
-        importance: None (MAE), "amt" or "famt": keep an importance table of `num_images` maps.
-        num_images: rows of the importance table (the training split's size).
-        warmup_mask_ratio: random masking before the table is filled (MAE's 0.75).
-        cutoff: FAMT's low-pass cut-off (0.15 of N).
+        seed, importance, num_images, warmup_mask_ratio, cutoff: see `TokenMaskingModel`
+            (warm-up: MAE's random masking 0.75).
     """
 
     def __init__(self, encoder, mask_ratio=0.75, throw_ratio=0.0, decoder_dim=512, decoder_depth=8,
                  decoder_heads=16, norm_pix_loss=False, seed=None, importance=None, num_images=None,
                  warmup_mask_ratio=0.75, cutoff=0.15, **kwargs):
-        super().__init__(**kwargs)
-        if not hasattr(encoder, "patch_size"):
-            raise ValueError(f"MAE needs a ViT encoder (patch tokens), got {type(encoder).__name__}.")
-        self.encoder = encoder
-        self.mask_ratio = float(mask_ratio)
-        self.throw_ratio = float(throw_ratio)
-        self.counts = token_counts(encoder.num_patches, self.mask_ratio, self.throw_ratio)
-        if self.counts[0] < 1:
-            raise ValueError(f"MAE needs at least one masked patch to reconstruct; mask_ratio={mask_ratio}.")
+        super().__init__(encoder, mask_ratio, throw_ratio, seed=seed, importance=importance,
+                         num_images=num_images, warmup_mask_ratio=warmup_mask_ratio, cutoff=cutoff, **kwargs)
         self.norm_pix_loss = bool(norm_pix_loss)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
         self.decoder = MAEDecoder(encoder.grid_size, encoder.patch_size, decoder_dim, decoder_depth,
                                   decoder_heads, dtype=self.dtype_policy, name="decoder")
-        if importance not in (None, "amt", "famt"):
-            raise ValueError(f"Unknown importance {importance!r}; choose None (MAE), 'amt' or 'famt'.")
-        if importance and (num_images is None or int(num_images) < 1):
-            raise ValueError("An importance table needs `num_images` (the number of training images).")
-        self.importance = importance
-        self.num_images = int(num_images) if importance else None
-        self.warmup_mask_ratio = float(warmup_mask_ratio)
-        token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0)  # validates the warm-up ratio
-        self.cutoff = float(cutoff)
-        self.importance_ready = False  # Python-level phase: shapes differ before/after the first refresh
 
     def build(self, input_shape=None):
         if self.built:
             return
         self.encoder.ensure_built()
         self.decoder.build((None, None, self.encoder.hidden_dim))
-        if self.importance:
-            self.importance_table = self.add_weight(
-                shape=(self.num_images, self.encoder.num_patches), initializer="ones", trainable=False,
-                name="importance_table",
-            )
-            self.refresh_count = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                                 name="refresh_count")
+        self.build_importance()
         self.built = True
-
-    # -- importance (AMT/FAMT) ---------------------------------------------------------------
-    def set_importance(self, table):
-        """Store a freshly scored table `(num_images, N)` and switch to importance masking."""
-        check_weights(table)
-        self.importance_table.assign(ops.cast(table, "float32"))
-        self.refresh_count.assign(self.refresh_count + 1.0)
-        self.importance_ready = True
-
-    def sync_importance_phase(self):
-        """Importance masking iff the table has been filled (e.g. after loading a checkpoint)."""
-        if self.importance:
-            self.importance_ready = float(ops.convert_to_numpy(self.refresh_count)) > 0
-
-    def augmented_importance(self, index, box, flip):
-        """Each image's stored map, cropped/flipped like the image, on the patch grid: `(B, N)`."""
-        rows, cols = self.encoder.grid_size
-        maps = ops.take(self.importance_table, ops.cast(index, "int32"), axis=0)
-        maps = ops.reshape(maps, (-1, rows, cols))
-        return follow_augmentation(maps, box, flip, (rows, cols))
-
-    def split_inputs(self, inputs):
-        """`(images, importance or None)` of the model's inputs (see the class docstring)."""
-        if not isinstance(inputs, dict):
-            return inputs, None
-        importance = inputs.get("importance")
-        if importance is None and self.importance and self.importance_ready and "index" in inputs:
-            importance = self.augmented_importance(inputs["index"], inputs["box"], inputs["flip"])
-        return inputs["images"], importance
-
-    def select(self, images, importance=None):
-        """The token draw of a batch: `TokenSelection` (visible, masked, thrown, labels).
-
-        Without `importance`: random masking, at `warmup_mask_ratio` without throwing for an
-        AMT/FAMT model whose table is not filled yet, else at `mask_ratio`/`throw_ratio`.
-        """
-        mask_ratio, throw_ratio = self.mask_ratio, self.throw_ratio
-        if importance is None:
-            importance = ops.ones((ops.shape(images)[0], self.encoder.num_patches), "float32")
-            if self.importance and not self.importance_ready:
-                mask_ratio, throw_ratio = self.warmup_mask_ratio, 0.0
-        return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False)
 
     def reconstruct(self, images, selection, training=None):
         """Predicted pixels of the masked patches `(B, M, p*p*3)` for a given token selection."""
@@ -252,17 +177,10 @@ class MAE(EncoderModel):
     def get_config(self):
         config = super().get_config()
         config.update({
-            "mask_ratio": self.mask_ratio,
-            "throw_ratio": self.throw_ratio,
             "decoder_dim": self.decoder.hidden_dim,
             "decoder_depth": self.decoder.depth,
             "decoder_heads": self.decoder.num_heads,
             "norm_pix_loss": self.norm_pix_loss,
-            "seed": self.seed,
-            "importance": self.importance,
-            "num_images": self.num_images,
-            "warmup_mask_ratio": self.warmup_mask_ratio,
-            "cutoff": self.cutoff,
         })
         return config
 
