@@ -14,15 +14,39 @@ import sys
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help (unless it states its own); the epilog's method table as written."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _methods_epilog(argv):
+    """The registered methods, for --help only: listing them imports Keras, which must wait for
+    --backend otherwise."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(argv):
+        return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_mfm.methods import available_methods
+
+    lines = [f"  {name:<12} {description}" for name, description in available_methods().items()]
+    return "methods (--method):\n" + "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Self-supervised pre-training of a ViT or ResNet-50 encoder with keras_mfm "
-        "(Masked Frequency Modeling). Runs on the TensorFlow, JAX or PyTorch backend of Keras 3.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "(Masked Frequency Modeling, its restoration baselines, MAE/AMT/FAMT, SimMIM). Runs on the "
+        "TensorFlow, JAX or PyTorch backend of Keras 3.",
+        epilog=_methods_epilog(argv),
+        formatter_class=_HelpFormatter,
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--method", default="mfm", help="pre-training method: mfm (Masked Frequency Modeling), mae "
-                     "(masked autoencoder), amt or famt (MAE with attention / frequency+attention masking and throwing)")
+    run.add_argument("--method", default="mfm", help="pre-training method, one of the registered methods listed "
+                     "below (keras_mfm.methods)")
     run.add_argument("--backend", choices=BACKENDS, default=None,
                      help="Keras backend (sets KERAS_BACKEND before Keras loads; default: $KERAS_BACKEND or tensorflow)")
     run.add_argument("--data", default=None,
@@ -47,28 +71,57 @@ def parse_args(argv=None):
     model.add_argument("--patch-size", type=int, default=4, help="ViT patch size (the image size must be a multiple)")
     model.add_argument("--depth", type=int, default=None, help="override the ViT preset's number of blocks")
 
-    mfm = parser.add_argument_group("MFM")
+    mfm = parser.add_argument_group("MFM (--method mfm)")
     mfm.add_argument("--radius", type=float, default=None,
-                     help="mask radius in frequency-index units (default: 16/224 * image size, 2.29 at 32)")
+                     help="mask radius r1 in frequency-index units (default: 16/224 * image size, 2.29 at 32)")
+    mfm.add_argument("--outer-radius", type=float, default=None,
+                     help="band masks: outer radius r2 > r1; low-pass then keeps |k|<r1 and |k|>=r2, high-pass the "
+                     "ring r1<=|k|<r2 (default: no band, the authors' 999)")
+    mfm.add_argument("--radius-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                     help="draw each image's radius uniformly in [MIN, MAX) instead of a fixed --radius")
     mfm.add_argument("--p-low", type=float, default=None,
                      help="probability of a low-pass mask (default: 0.5 for ViT, 0.3 for ResNet-50)")
     mfm.add_argument("--full-spectrum-loss", action="store_true",
                      help="average the frequency loss over the whole spectrum instead of the masked frequencies")
-    mfm.add_argument("--gamma", type=float, default=1.0, help="exponent of the frequency distance")
 
-    mae = parser.add_argument_group("MAE, AMT, FAMT (--method mae|amt|famt)")
+    loss = parser.add_argument_group("frequency loss (mfm, sr, deblur, denoise)")
+    loss.add_argument("--loss", choices=("frequency", "pixel"), default="frequency",
+                      help="frequency loss, or pixel: mean squared error of the normalised pixels")
+    loss.add_argument("--gamma", type=float, default=1.0, help="exponent of the frequency distance")
+    loss.add_argument("--focal", action="store_true",
+                      help="weight each frequency by the focal spectrum weight matrix |P-T|^alpha, normalised to [0, 1] "
+                      "(focal frequency loss; off in the authors' configs)")
+    loss.add_argument("--focal-alpha", type=float, default=1.0, help="exponent alpha of the focal weight matrix")
+    loss.add_argument("--focal-log", action="store_true", help="focal weights log(1 + |P-T|^alpha)")
+    loss.add_argument("--focal-batch", action="store_true",
+                      help="normalise the focal weights by the batch maximum instead of each image and channel's")
+
+    restoration = parser.add_argument_group("restoration baselines (--method sr|deblur|denoise)")
+    restoration.add_argument("--sr-factor", type=int, default=8,
+                             help="sr: bicubic down-sampling factor (must divide the image size)")
+    restoration.add_argument("--blur-sigma", type=float, default=None,
+                             help="deblur: Gaussian sigma in pixels (default: 5 at 224, scaled: 0.71 at 32)")
+    restoration.add_argument("--blur-kernel-sizes", type=int, nargs="+", default=None,
+                             help="deblur: odd kernel sizes drawn per image (default: 7..21 at 224, scaled: 3 at 32)")
+    restoration.add_argument("--noise-sigma", type=float, default=75 / 255,
+                             help="denoise: standard deviation of the additive Gaussian noise (images in [0, 1])")
+
+    mae = parser.add_argument_group("token masking (--method mae|amt|famt|simmim|simmim_famt)")
     mae.add_argument("--mask-ratio", type=float, default=None,
-                     help="share of masked patches (default: 0.75 for mae, 0.45 for amt/famt)")
+                     help="share of masked patches (default: 0.75 mae, 0.45 amt/famt/simmim_famt, 0.6 simmim)")
     mae.add_argument("--throw-ratio", type=float, default=None,
-                     help="share of thrown patches (default: 0 for mae, 0.40 for amt/famt)")
+                     help="share of thrown patches (default: 0 for mae/simmim, 0.40 for amt/famt/simmim_famt)")
+    mae.add_argument("--mask-patch-size", type=int, default=None,
+                     help="simmim: side of a random-masking unit in pixels, a multiple of the patch size "
+                     "(default: 2 x patch size, as SimMIM's 32 for 16)")
     mae.add_argument("--refresh-warmup", type=int, default=None,
                      help="amt/famt: epochs of plain MAE before the first importance refresh (default: 10%% of --epochs, >= 1)")
     mae.add_argument("--refresh-interval", type=int, default=None,
                      help="amt/famt: epochs between importance refreshes (default: 10%% of --epochs, >= 1)")
-    mae.add_argument("--decoder-dim", type=int, default=512, help="decoder width")
-    mae.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
-    mae.add_argument("--decoder-heads", type=int, default=16, help="decoder heads")
-    mae.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixel targets")
+    mae.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width")
+    mae.add_argument("--decoder-depth", type=int, default=8, help="MAE decoder blocks")
+    mae.add_argument("--decoder-heads", type=int, default=16, help="MAE decoder heads")
+    mae.add_argument("--norm-pix-loss", action="store_true", help="MAE: per-patch normalised pixel targets")
 
     optim = parser.add_argument_group("optimisation (AdamW 0.9/0.95, warm-up + cosine, per step)")
     optim.add_argument("--epochs", type=int, default=1, help="epochs")
@@ -102,7 +155,13 @@ def main(argv=None):
                 epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                 base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
-                p_low=args.p_low, masked_loss=not args.full_spectrum_loss, gamma=args.gamma,
+                p_low=args.p_low, outer_radius=args.outer_radius,
+                radius_range=tuple(args.radius_range) if args.radius_range else None,
+                masked_loss=not args.full_spectrum_loss, loss=args.loss, gamma=args.gamma, focal=args.focal,
+                focal_alpha=args.focal_alpha, focal_log=args.focal_log, focal_batch=args.focal_batch,
+                sr_factor=args.sr_factor, blur_sigma=args.blur_sigma,
+                blur_kernel_sizes=tuple(args.blur_kernel_sizes) if args.blur_kernel_sizes else None,
+                noise_sigma=args.noise_sigma, mask_patch_size=args.mask_patch_size,
                 mask_ratio=args.mask_ratio, throw_ratio=args.throw_ratio, refresh_warmup=args.refresh_warmup,
                 refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,

@@ -1,37 +1,91 @@
 """The registry of pre-training methods: name -> builder(encoder, **options) -> keras.Model.
 
-Adding a method is one module with a builder and one `register_method` line; `train.py --help`
-lists `available_methods()`.
+Adding a method is one module (its model or corruption layer) and one `@register_method` builder
+here; `train.py --help` lists `available_methods()`. A builder's keyword arguments are named like
+the fields of `training.PretrainConfig` (and `train.py`'s flags), so a run passes each method
+exactly the settings it takes (`method_options`).
+
+| name | corruption / masking | model | loss |
+|---|---|---|---|
+| mfm | low- or high-pass spectrum mask | MFM | frequency loss on the masked frequencies |
+| sr, deblur, denoise | bicubic down/up, Gaussian blur, Gaussian noise | MFM | frequency loss, full spectrum |
+| mae | random patches (0.75) | MAE | MSE on masked patches |
+| amt, famt | importance-driven masking (0.45) and throwing (0.40) | MAE | MSE on masked patches |
+| simmim | random mask units (0.6), mask token | SimMIM | L1 on masked patches |
+| simmim_famt | FAMT masking and throwing, mask token | SimMIM | L1 on masked patches |
 """
 
+import dataclasses
+import inspect
+
 from keras_mfm.backbones import ResNetBackbone
+from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur
 from keras_mfm.models.mae import MAE
 from keras_mfm.models.mfm import MFM
+from keras_mfm.models.simmim import SIMMIM_MASK_RATIO, SimMIM
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name, description: as listed by `available_methods()`.
+        builder: `builder(encoder, **options) -> keras.Model` (built by the caller).
+        tokens: masks ViT patch tokens, so it needs a ViT encoder.
+        importance: keeps an AMT/FAMT importance table (refreshed during training; needs
+            `num_images` and the crop geometry of every training image).
+        position_embedding: encoder position embedding the method uses (None: the preset's).
+    """
+
+    name: str
+    description: str
+    builder: callable
+    tokens: bool = False
+    importance: bool = False
+    position_embedding: str = None
+
+    def options(self):
+        """Names of the builder's keyword arguments."""
+        return [name for name in inspect.signature(self.builder).parameters if name != "encoder"]
+
 
 _METHODS = {}
 
 
-def register_method(name, description):
+def register_method(name, description, tokens=False, importance=False, position_embedding=None):
+    """Decorator registering `builder(encoder, **options)` under `name`."""
+
     def decorate(builder):
         if name in _METHODS:
             raise ValueError(f"Method {name!r} is registered twice.")
-        _METHODS[name] = (builder, description)
+        _METHODS[name] = Method(name, description, builder, tokens, importance, position_embedding)
         return builder
 
     return decorate
 
 
+def get_method(name):
+    """The `Method` registered as `name` (ValueError listing the choices otherwise)."""
+    if name not in _METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(_METHODS)}.")
+    return _METHODS[name]
+
+
 def available_methods():
     """`{name: one-line description}` of every registered method."""
-    return {name: description for name, (_, description) in sorted(_METHODS.items())}
+    return {name: method.description for name, method in sorted(_METHODS.items())}
 
 
 def build_method(name, encoder, **options):
     """Builds the pre-training model `name` around `encoder` (options: the builder's arguments)."""
-    if name not in _METHODS:
-        raise ValueError(f"Unknown method {name!r}; choose one of {sorted(_METHODS)}.")
-    builder, _ = _METHODS[name]
-    return builder(encoder, **options)
+    return get_method(name).builder(encoder, **options)
+
+
+def method_options(name, settings):
+    """The builder arguments of method `name` read from `settings` (an object with attributes named
+    like the arguments, e.g. a `PretrainConfig`); arguments `settings` lacks keep their defaults."""
+    return {option: getattr(settings, option) for option in get_method(name).options() if hasattr(settings, option)}
 
 
 def default_p_low(encoder):
@@ -39,24 +93,64 @@ def default_p_low(encoder):
     return 0.3 if isinstance(encoder, ResNetBackbone) else 0.5
 
 
+# -- MFM and the restoration baselines (SPEC.md section 1) ---------------------------------------
+def _frequency_model(name, encoder, corruption=None, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0,
+                     focal_log=False, focal_batch=False, **mfm_options):
+    return MFM(encoder, corruption=corruption, loss=loss, gamma=gamma, focal=focal, focal_alpha=focal_alpha,
+               focal_log=focal_log, focal_batch=focal_batch, name=name, **mfm_options)
+
+
 @register_method("mfm", "Masked Frequency Modeling: predict the masked low/high frequencies")
-def build_mfm(encoder, radius=None, p_low=None, masked_loss=True, gamma=1.0, seed=None):
-    if p_low is None:
-        p_low = default_p_low(encoder)
-    return MFM(encoder, radius=radius, p_low=p_low, seed=seed, masked_loss=masked_loss, gamma=gamma, name="mfm")
+def build_mfm(encoder, radius=None, p_low=None, outer_radius=None, radius_range=None, masked_loss=True,
+              loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0, focal_log=False, focal_batch=False,
+              seed=None):
+    return _frequency_model(
+        "mfm", encoder, radius=radius, p_low=default_p_low(encoder) if p_low is None else p_low,
+        outer_radius=outer_radius, radius_range=radius_range, masked_loss=masked_loss, loss=loss, gamma=gamma,
+        focal=focal, focal_alpha=focal_alpha, focal_log=focal_log, focal_batch=focal_batch, seed=seed,
+    )
 
 
-#: Authors' ratios (SPEC.md section 2): MAE masks 0.75; AMT/FAMT mask 0.45 and throw 0.40.
-DEFAULT_RATIOS = {"mae": (0.75, 0.0), "amt": (0.45, 0.40), "famt": (0.45, 0.40)}
+@register_method("sr", "Super-resolution baseline: restore a bicubic down/up-sampled image (factor 8)")
+def build_sr(encoder, sr_factor=8, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0, focal_log=False,
+             focal_batch=False):
+    corruption = Downsampling(8 if sr_factor is None else sr_factor, name="downsampling")
+    return _frequency_model("sr", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+
+
+@register_method("deblur", "Deblurring baseline: restore a Gaussian-blurred image (sigma 5 at 224, scaled)")
+def build_deblur(encoder, blur_sigma=None, blur_kernel_sizes=None, loss="frequency", gamma=1.0, focal=False,
+                 focal_alpha=1.0, focal_log=False, focal_batch=False, seed=None):
+    corruption = GaussianBlur(blur_sigma, blur_kernel_sizes, seed=seed, name="gaussian_blur")
+    return _frequency_model("deblur", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+
+
+@register_method("denoise", "Denoising baseline: restore an image with Gaussian noise (sigma 75/255)")
+def build_denoise(encoder, noise_sigma=None, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0,
+                  focal_log=False, focal_batch=False, seed=None):
+    corruption = AdditiveNoise(75 / 255 if noise_sigma is None else noise_sigma, seed=seed, name="additive_noise")
+    return _frequency_model("denoise", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+
+
+# -- token masking (SPEC.md section 2) -----------------------------------------------------------
+#: Authors' ratios: MAE masks 0.75; AMT/FAMT mask 0.45 and throw 0.40; SimMIM masks 0.6.
+DEFAULT_RATIOS = {
+    "mae": (0.75, 0.0), "amt": (0.45, 0.40), "famt": (0.45, 0.40),
+    "simmim": (SIMMIM_MASK_RATIO, 0.0), "simmim_famt": (0.45, 0.40),
+}
+
+
+def _ratios(name, mask_ratio, throw_ratio):
+    default_mask, default_throw = DEFAULT_RATIOS[name]
+    return (default_mask if mask_ratio is None else mask_ratio, default_throw if throw_ratio is None else throw_ratio)
 
 
 def _masked_autoencoder(name, importance):
     def build(encoder, mask_ratio=None, throw_ratio=None, decoder_dim=512, decoder_depth=8, decoder_heads=16,
               norm_pix_loss=False, seed=None, num_images=None):
-        default_mask, default_throw = DEFAULT_RATIOS[name]
+        mask_ratio, throw_ratio = _ratios(name, mask_ratio, throw_ratio)
         return MAE(
-            encoder, mask_ratio=default_mask if mask_ratio is None else mask_ratio,
-            throw_ratio=default_throw if throw_ratio is None else throw_ratio, decoder_dim=decoder_dim,
+            encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, decoder_dim=decoder_dim,
             decoder_depth=decoder_depth, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss, seed=seed,
             importance=importance, num_images=num_images if importance else None, name=name,
         )
@@ -64,9 +158,23 @@ def _masked_autoencoder(name, importance):
     return build
 
 
-build_mae = register_method("mae", "Masked autoencoder: reconstruct randomly masked patches (mask 0.75)")(
+_MAE = dict(tokens=True, position_embedding="sincos")  # MAE's fixed 2-D sin-cos position embedding
+build_mae = register_method("mae", "Masked autoencoder: reconstruct randomly masked patches (mask 0.75)", **_MAE)(
     _masked_autoencoder("mae", None))
-build_amt = register_method("amt", "AMT: attention-driven masking (0.45) and throwing (0.40) for MAE")(
-    _masked_autoencoder("amt", "amt"))
-build_famt = register_method("famt", "FAMT: frequency- and attention-driven masking (0.45) and throwing (0.40)")(
-    _masked_autoencoder("famt", "famt"))
+build_amt = register_method("amt", "AMT: attention-driven masking (0.45) and throwing (0.40) for MAE",
+                            importance=True, **_MAE)(_masked_autoencoder("amt", "amt"))
+build_famt = register_method("famt", "FAMT: frequency- and attention-driven masking (0.45) and throwing (0.40)",
+                             importance=True, **_MAE)(_masked_autoencoder("famt", "famt"))
+
+
+@register_method("simmim", "SimMIM: mask tokens at the encoder input, L1 on masked pixels (mask 0.6)", tokens=True)
+def build_simmim(encoder, mask_ratio=None, mask_patch_size=None, seed=None):
+    mask_ratio, _ = _ratios("simmim", mask_ratio, None)
+    return SimMIM(encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size, seed=seed, name="simmim")
+
+
+@register_method("simmim_famt", "SimMIM with FAMT masking (0.45) and throwing (0.40)", tokens=True, importance=True)
+def build_simmim_famt(encoder, mask_ratio=None, throw_ratio=None, seed=None, num_images=None):
+    mask_ratio, throw_ratio = _ratios("simmim_famt", mask_ratio, throw_ratio)
+    return SimMIM(encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, seed=seed, importance="famt",
+                  num_images=num_images, name="simmim_famt")

@@ -54,8 +54,20 @@ class PretrainConfig:
     clip_norm: float = 3.0
     radius: float = None  # None: 16 / 224 * image size
     p_low: float = None  # None: 0.5 for ViT, 0.3 for ResNet-50
+    outer_radius: float = None  # MFM band masks: r2 (None: plain low/high-pass)
+    radius_range: tuple = None  # MFM: per-image random radius in [min, max) instead of a fixed radius
     masked_loss: bool = True
+    loss: str = "frequency"  # MFM/restoration: "frequency" or "pixel"
     gamma: float = 1.0
+    focal: bool = False  # focal spectrum weight matrix (focal frequency loss)
+    focal_alpha: float = 1.0
+    focal_log: bool = False
+    focal_batch: bool = False
+    sr_factor: int = 8
+    blur_sigma: float = None  # None: 5 at 224, scaled with the image size
+    blur_kernel_sizes: tuple = None  # None: odd sizes 7..21 at 224, scaled
+    noise_sigma: float = 75 / 255
+    mask_patch_size: int = None  # SimMIM random-masking unit (None: 2 x patch size)
     mask_ratio: float = None  # None: 0.75 for MAE, 0.45 for AMT/FAMT
     throw_ratio: float = None  # None: 0 for MAE, 0.40 for AMT/FAMT
     refresh_warmup: int = None  # AMT/FAMT: epochs before the first importance refresh (None: 10% of the run, >= 1)
@@ -81,16 +93,13 @@ class PretrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-MASKED_AUTOENCODERS = ("mae", "amt", "famt")
-IMPORTANCE_METHODS = ("amt", "famt")
-
-
 def build_encoder(config):
+    method = methods.get_method(config.method)
     overrides = {} if config.depth is None else {"depth": config.depth}
-    if config.method in MASKED_AUTOENCODERS:
-        if not config.backbone.startswith("vit"):
-            raise ValueError(f"--method {config.method} needs a ViT backbone (patch tokens), not {config.backbone!r}.")
-        overrides["position_embedding"] = "sincos"  # MAE's fixed 2-D sin-cos embedding
+    if method.tokens and not config.backbone.startswith("vit"):
+        raise ValueError(f"--method {config.method} needs a ViT backbone (patch tokens), not {config.backbone!r}.")
+    if method.position_embedding:
+        overrides["position_embedding"] = method.position_embedding
     patch = config.patch_size if config.backbone.startswith("vit") else None
     return backbones.get_backbone(config.backbone, config.image_size, patch_size=patch, **overrides)
 
@@ -106,24 +115,12 @@ def refresh_schedule(config):
 def build_model(config, num_images=None):
     """The pre-training model of `config` (built, not compiled); `num_images`: AMT/FAMT's table."""
     encoder = build_encoder(config)
-    options = method_options(config)
-    if config.method in IMPORTANCE_METHODS:
+    options = methods.method_options(config.method, config)
+    if methods.get_method(config.method).importance:
         options["num_images"] = num_images
     model = methods.build_method(config.method, encoder, **options)
     model.build((None, *encoder.image_size, 3))
     return model
-
-
-def method_options(config):
-    """The builder arguments of `config.method` taken from `config`."""
-    if config.method in MASKED_AUTOENCODERS:
-        return dict(
-            mask_ratio=config.mask_ratio, throw_ratio=config.throw_ratio,
-            decoder_dim=config.decoder_dim, decoder_depth=config.decoder_depth, decoder_heads=config.decoder_heads,
-            norm_pix_loss=config.norm_pix_loss, seed=config.seed,
-        )
-    return dict(radius=config.radius, p_low=config.p_low, masked_loss=config.masked_loss, gamma=config.gamma,
-                seed=config.seed)
 
 
 def eval_protocols(config):
@@ -142,13 +139,12 @@ def validate(config):
         raise ValueError(f"Unknown --eval {config.eval!r}; choose knn, linear, knn,linear or none.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
-    if config.method not in methods.available_methods():
-        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(methods.available_methods())}.")
+    methods.get_method(config.method)  # ValueError naming the registered methods
     if config.backbone not in backbones.BACKBONE_PRESETS:
         raise ValueError(
             f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
         )
-    if config.method in IMPORTANCE_METHODS:
+    if methods.get_method(config.method).importance:
         warmup, interval = refresh_schedule(config)
         if warmup < 1 or interval < 1:
             raise ValueError(
@@ -158,7 +154,7 @@ def validate(config):
         if warmup >= config.epochs:
             warnings.warn(
                 f"--refresh-warmup {warmup} >= --epochs {config.epochs}: the importance is never refreshed, "
-                f"so this {config.method} run is plain MAE masking.", stacklevel=2,
+                f"so this {config.method} run keeps random masking.", stacklevel=2,
             )
     if config.backbone.startswith("vit") and config.image_size % config.patch_size:
         raise ValueError(
@@ -303,7 +299,7 @@ def _run(config, resume):
         model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
 
     # A resumed run sees a different (still seeded) order of crops from its first new epoch on.
-    uses_importance = config.method in IMPORTANCE_METHODS
+    uses_importance = methods.get_method(config.method).importance
     dataset = data.pretraining_dataset(
         train_split, config.image_size, config.batch_size, seed=config.seed + initial_epoch,
         repeat=config.steps_per_epoch is not None, with_geometry=uses_importance,

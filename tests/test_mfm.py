@@ -42,6 +42,23 @@ def test_mfm_outputs_and_loss_is_the_frequency_loss():
     np.testing.assert_allclose(to_numpy(full), to_numpy(frequency.frequency_loss(pred, model.encoder.normalize(x))), rtol=1e-6)
 
 
+def test_pixel_and_focal_loss_options():
+    model = MFM(small_vit(), radius=2.0, seed=0, loss="pixel")
+    x = batch()
+    pred, mask = model(x)
+    target = to_numpy(model.encoder.normalize(x))
+    got = to_numpy(model.compute_loss(x=x, y_pred=(pred, mask)))
+    np.testing.assert_allclose(got, np.mean((to_numpy(pred) - target) ** 2), rtol=1e-5)
+    focal = MFM(model.encoder, radius=2.0, seed=0, focal=True, focal_alpha=2.0, focal_log=True, focal_batch=True)
+    want = frequency.frequency_loss(pred, target, mask, focal=True, focal_alpha=2.0, focal_log=True,
+                                    focal_batch=True)
+    np.testing.assert_allclose(to_numpy(focal.compute_loss(x=x, y_pred=(pred, mask))), to_numpy(want), rtol=1e-6)
+    config = focal.get_config()
+    assert (config["focal"], config["focal_alpha"], config["focal_log"], config["loss"]) == (True, 2.0, True, "frequency")
+    with pytest.raises(ValueError, match="Unknown loss 'l3'"):
+        MFM(small_vit(), loss="l3")
+
+
 def test_encoder_sees_the_corrupted_image():
     """The prediction depends on the input only through the frequency-filtered image."""
     model = MFM(small_vit(), radius=2.0, p_low=1.0, seed=0)  # always low-pass

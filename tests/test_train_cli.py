@@ -66,6 +66,35 @@ def test_famt_run_refreshes_the_importance_and_resumes_with_it(tmp_path):
     assert encoder.position_embedding_type == "sincos"
 
 
+@pytest.mark.parametrize("method,extra", [
+    ("deblur", ["--blur-kernel-sizes", "3", "5"]),
+    ("simmim_famt", ["--refresh-warmup", "1", "--refresh-interval", "1"]),
+])
+def test_restoration_and_simmim_runs(tmp_path, method, extra):
+    root = write_folder(str(tmp_path / "set"), per_class=8)
+    output = str(tmp_path / method)
+    assert train.main(["--method", method, "--data", root, "--epochs", "2", "--output", output, *SMALL, *extra]) == 0
+    info = json.load(open(os.path.join(output, "config.json")))
+    assert info["config"]["method"] == method and np.isfinite(info["final_loss"])
+    if method == "simmim_famt":
+        assert [r["epoch"] for r in info["importance_refreshes"]] == [1]
+    model = keras.saving.load_model(os.path.join(output, "checkpoint.keras"))
+    assert model.name == method
+
+
+def test_help_lists_every_registered_method(capsys):
+    from keras_mfm import methods
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for name, description in methods.available_methods().items():
+        assert f"{name} " in out and description[:30] in out.replace("\n", " "), name
+    for flag in ("--outer-radius", "--radius-range", "--focal", "--focal-alpha", "--focal-log", "--focal-batch",
+                 "--loss", "--sr-factor", "--blur-sigma", "--noise-sigma", "--mask-patch-size"):
+        assert flag in out, flag
+
+
 def test_train_on_real_cifar10_archive(tmp_path):
     if not os.path.isfile(CIFAR_ARCHIVE):
         pytest.skip("no CIFAR-10 archive")
@@ -109,6 +138,14 @@ def test_readme_command_on_this_backend(tmp_path):
         (["--method", "mae", "--mask-ratio", "0.6", "--throw-ratio", "0.4"], "< 1"),
         (["--method", "amt", "--mask-ratio", "0.01"], "masks no token"),
         (["--method", "mae", "--mask-ratio", "0"], "at least one masked patch"),
+        (["--method", "deblur", "--blur-sigma", "0"], "sigma"),
+        (["--method", "deblur", "--blur-kernel-sizes", "4"], "odd"),
+        (["--method", "denoise", "--noise-sigma", "-0.1"], "sigma"),
+        (["--method", "sr", "--sr-factor", "3"], "must divide the image height and width"),
+        (["--radius", "2", "--outer-radius", "1.5"], "must be larger than `radius`"),
+        (["--radius", "2", "--radius-range", "1", "3"], "radius_range"),
+        (["--method", "simmim", "--mask-patch-size", "6"], "multiple of the patch size"),
+        (["--method", "simmim_famt", "--backbone", "resnet50", "--image-size", "32"], "needs a ViT backbone"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, arguments, message):
