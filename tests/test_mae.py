@@ -6,7 +6,7 @@ import pytest
 
 from keras_mfm import backbones, masking, methods
 from keras_mfm.models.mae import MAE, patchify, unpatchify
-from tests.conftest import BACKEND, smooth_images, to_numpy, value_and_grad
+from tests.conftest import smooth_images, to_numpy, value_and_grad
 
 
 def tiny_encoder(size=16, patch=4):
