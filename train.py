@@ -56,6 +56,8 @@ def parse_args(argv=None):
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
+    run.add_argument("--checkpoint-steps", type=int, default=None,
+                     help="also write the checkpoint every N steps inside an epoch (default: at epoch ends only)")
     run.add_argument("--eval", default="knn,linear", help="score the encoder after pre-training: knn (weighted k-NN, "
                      "k=20, T=0.07), linear (MAE's linear probe, 90 epochs on cached features), knn,linear "
                      "(both, one feature extraction) or none; on seeded subsets of the splits")
@@ -166,7 +168,7 @@ def main(argv=None):
                 refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
                 norm_pix_loss=args.norm_pix_loss,
-                seed=args.seed, output=args.output, jit_compile=False if args.no_jit else "auto",
+                seed=args.seed, checkpoint_steps=args.checkpoint_steps, output=args.output, jit_compile=False if args.no_jit else "auto",
                 verbose=0 if args.quiet else 1, eval=args.eval,
                 eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
             )

@@ -350,22 +350,67 @@ def pretraining_dataset(
     dataset = tf.data.Dataset.zip((dataset, seeds))
 
     def transform(item, draw):
-        image, label, index = item
-        if augment:
-            crop_seed = tf.stack([draw[0], draw[1]])
-            image, box = random_resized_crop(image, size, crop_seed, scale=crop_scale)
-            flip = tf.random.stateless_uniform((), seed=tf.stack([draw[2], draw[0]])) < 0.5
-            image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-        else:
-            image = resize_image(image, size)
-            box, flip = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(False)
-        image = tf.ensure_shape(image, size + (3,))
-        if with_geometry:
-            return {"images": image, "index": index, "box": box, "flip": flip}
-        return (image, label) if with_labels else image
+        crop_seed, flip_seed = tf.stack([draw[0], draw[1]]), tf.stack([draw[2], draw[0]])
+        return _training_view(item, size, crop_seed, flip_seed, augment, crop_scale, with_geometry, with_labels)
 
     dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _training_view(item, size, crop_seed, flip_seed, augment=True, crop_scale=(0.2, 1.0), with_geometry=False,
+                   with_labels=False):
+    """One `(image, label, index)` -> its augmented view (crop + flip from the stateless seeds)."""
+    tf = _tf()
+    image, label, index = item
+    if augment:
+        image, box = random_resized_crop(image, size, crop_seed, scale=crop_scale)
+        flip = tf.random.stateless_uniform((), seed=flip_seed) < 0.5
+        image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    else:
+        image = resize_image(image, size)
+        box, flip = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(False)
+    image = tf.ensure_shape(image, size + (3,))
+    if with_geometry:
+        return {"images": image, "index": index, "box": box, "flip": flip}
+    return (image, label) if with_labels else image
+
+
+def epoch_seed(seed, epoch):
+    """The int64 seed of epoch `epoch` of a run seeded `seed` (shuffle and crops of that epoch)."""
+    return int(seed) * 1_000_003 + int(epoch)
+
+
+def pretraining_epoch(split, image_size, batch_size, steps, epoch, seed=0, skip_steps=0, with_geometry=False,
+                      crop_scale=(0.2, 1.0), cached=None):
+    """The batches of epoch `epoch` of a run: a function of `(seed, epoch)` alone, so a run resumed at
+    any step sees exactly the batches the uninterrupted run saw.
+
+    The split shuffled with `epoch_seed(seed, epoch)` (re-shuffled when an epoch spans several
+    passes), the view at position `j` of the epoch cropped and flipped with the stateless seeds
+    `(epoch_seed, 2j)` and `(epoch_seed, 2j + 1)`, full batches, the first `steps` of them, of which
+    the first `skip_steps` are dropped (a resume inside the epoch). Yields what
+    `pretraining_dataset` yields (images, or with `with_geometry` the dict FAMT reads).
+
+    Args:
+        cached: `split.dataset.cache()` made once for the whole run (decoded images in memory).
+    """
+    tf = _tf()
+    size = _size_pair(image_size)
+    if split.num_examples < batch_size:
+        raise DataError(f"The split has {split.num_examples} images, fewer than one batch of {batch_size}.")
+    cached = split.dataset.cache() if cached is None else cached
+    passes = -(-steps * batch_size // split.num_examples)  # passes over the split this epoch
+    key = epoch_seed(seed, epoch)
+    views = cached.shuffle(split.num_examples, seed=key, reshuffle_each_iteration=True).repeat(passes)
+
+    def transform(position, item):
+        crop_seed = tf.stack([tf.constant(key, "int64"), 2 * position])
+        flip_seed = tf.stack([tf.constant(key, "int64"), 2 * position + 1])
+        return _training_view(item, size, crop_seed, flip_seed, True, crop_scale, with_geometry)
+
+    views = views.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = views.batch(batch_size, drop_remainder=True).take(steps).skip(skip_steps)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def indexed_dataset(split, image_size, batch_size):

@@ -37,12 +37,13 @@ class ImportanceScorer(keras.Model):
         return famt_importance(attention, keras.ops.cast(tokens[:, 1:], "float32"), self.cutoff)
 
 
-def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0):
+def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0, scorer=None):
     """The importance table `(num_images, N)` float32 from `(images, index)` batches.
 
-    Rows of images that are not in `dataset` stay 1 (uniform).
+    Rows of images that are not in `dataset` stay 1 (uniform). `scorer`: an `ImportanceScorer` of
+    `encoder` to reuse (its compiled predict function survives between refreshes).
     """
-    scorer = ImportanceScorer(encoder, method, cutoff)
+    scorer = scorer or ImportanceScorer(encoder, method, cutoff)
     table = np.ones((num_images, encoder.num_patches), "float32")
     progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
     seen = 0
@@ -69,9 +70,11 @@ class ImportanceRefresh(keras.callbacks.Callback):
             un-augmented training images (e.g. `lambda: data.indexed_dataset(split, size, 256)`).
         warmup_epochs: epochs of plain MAE before the first refresh (>= 1).
         interval: epochs between refreshes (>= 1).
+        done_epoch: an epoch whose refresh already happened (a run resumed inside that epoch,
+            whose checkpoint holds the table scored at its start).
     """
 
-    def __init__(self, dataset_fn, warmup_epochs, interval, verbose=0):
+    def __init__(self, dataset_fn, warmup_epochs, interval, verbose=0, done_epoch=None):
         super().__init__()
         if warmup_epochs < 1:
             raise ValueError(
@@ -84,9 +87,12 @@ class ImportanceRefresh(keras.callbacks.Callback):
         self.warmup_epochs = int(warmup_epochs)
         self.interval = int(interval)
         self.verbose = verbose
+        self.done_epoch = done_epoch
         self.history = []  # (epoch, seconds) of each refresh
 
     def due(self, epoch):
+        if epoch == self.done_epoch:
+            return False
         return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.interval == 0
 
     def on_train_begin(self, logs=None):
@@ -97,10 +103,14 @@ class ImportanceRefresh(keras.callbacks.Callback):
             return
         start = time.perf_counter()
         model = self.model
+        if getattr(self, "_scorer", None) is None or self._scorer.encoder is not model.encoder:
+            self._scorer = ImportanceScorer(model.encoder, model.importance, model.cutoff)
         table = score_images(model.encoder, self.dataset_fn(), model.num_images, model.importance,
-                             model.cutoff, verbose=self.verbose)
+                             model.cutoff, verbose=self.verbose, scorer=self._scorer)
+        switching = not model.importance_ready
         model.set_importance(table)
-        model.make_train_function(force=True)  # the masking changes shape: compile the new phase
+        if switching:  # random -> importance masking changes the step's shapes: compile the new phase
+            model.make_train_function(force=True)
         self.history.append((epoch, time.perf_counter() - start))
         if self.verbose:
             print(f"importance refreshed at epoch {epoch} in {self.history[-1][1]:.1f} s")

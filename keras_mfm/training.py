@@ -7,8 +7,10 @@
   `import keras_mfm`); it takes NHWC images in [0, 1];
 - `config.json`: the run's settings, backend, data and timing;
 - `history.csv`: per-epoch loss, learning rate, seconds and images/s;
-- `checkpoint.keras` + `checkpoint.json`: the whole model with its optimizer state, written
-  atomically after every epoch; `resume=True` continues from it.
+- `checkpoint.keras`: the whole model with its optimizer state, random-generator states and the
+  run's position, written atomically after every epoch (and every `checkpoint_steps` steps);
+  `resume(output)` continues from it exactly (`keras_mfm.checkpoints`); `checkpoint.json` is a
+  readable copy of the position.
 """
 
 import csv
@@ -23,14 +25,20 @@ import keras
 import numpy as np
 
 from keras_mfm import backbones, data, methods, optimization
+from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
+    CHECKPOINT,
+    CHECKPOINT_STATE,
+    AtomicCheckpoint,
+    EpochProgress,
+    ResumedEpochLoss,
+    TrainingError,
+    load_checkpoint,
+    load_model_file,
+    save_atomically,
+    write_json_atomically,
+)
 
-CHECKPOINT = "checkpoint.keras"
-CHECKPOINT_STATE = "checkpoint.json"
 ENCODER = "encoder.keras"
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (diverged, or a checkpoint that cannot be used)."""
 
 
 @dataclasses.dataclass
@@ -77,6 +85,7 @@ class PretrainConfig:
     decoder_heads: int = 16
     norm_pix_loss: bool = False
     seed: int = 0
+    checkpoint_steps: int = None  # also checkpoint every N steps inside an epoch (None: epoch ends only)
     output: str = "runs/mfm"
     jit_compile: str = "auto"
     verbose: int = 1
@@ -166,12 +175,16 @@ def validate(config):
 class EpochStats(keras.callbacks.Callback):
     """Adds `lr`, `epoch_seconds` and `images_per_second` to the epoch logs (before CSVLogger)."""
 
-    def __init__(self, images_per_epoch):
+    def __init__(self, batch_size):
         super().__init__()
-        self.images_per_epoch = images_per_epoch
+        self.batch_size = batch_size
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._start
@@ -179,54 +192,7 @@ class EpochStats(keras.callbacks.Callback):
             # With a schedule, `optimizer.learning_rate` is its value at the current step.
             logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["epoch_seconds"] = seconds
-            logs["images_per_second"] = self.images_per_epoch / seconds
-
-
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves the whole model (+ optimizer) to `checkpoint.keras` after each epoch with a finite loss.
-
-    Written to a temporary file and renamed, so a crash never leaves a half-written checkpoint;
-    an epoch whose loss is NaN/inf is not saved, so the last good checkpoint stays.
-    """
-
-    def __init__(self, directory):
-        super().__init__()
-        self.directory = directory
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is None or not math.isfinite(float(loss)):
-            return
-        save_atomically(self.model, os.path.join(self.directory, CHECKPOINT))
-        write_json_atomically(
-            os.path.join(self.directory, CHECKPOINT_STATE), {"epochs_done": epoch + 1, "loss": float(loss)}
-        )
-
-
-def save_atomically(model, path):
-    temporary = path[: -len(".keras")] + ".tmp.keras"
-    model.save(temporary)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(path, values):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(values, handle, indent=2, default=str)
-    os.replace(temporary, path)
-
-
-def load_model_file(path, what="model"):
-    """`keras.saving.load_model(path, safe_mode=True)` with a clear error for a bad file."""
-    if not os.path.isfile(path):
-        raise TrainingError(f"No {what} file at {path}.")
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
-        raise TrainingError(
-            f"Cannot load the {what} file {path}: it is corrupt, truncated or not a keras_mfm "
-            f"file ({type(error).__name__}: {str(error)[:200]})."
-        ) from error
+            logs["images_per_second"] = self._batches * self.batch_size / seconds
 
 
 def _read_history_rows(path):
@@ -267,6 +233,8 @@ def resume(output):
 
 def _run(config, resume):
     validate(config)
+    if config.checkpoint_steps is not None and config.checkpoint_steps < 1:
+        raise ValueError(f"--checkpoint-steps must be >= 1, got {config.checkpoint_steps}.")
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output, exist_ok=True)
 
@@ -279,13 +247,14 @@ def _run(config, resume):
         )
     total_steps = steps * config.epochs
 
-    initial_epoch = 0
+    initial_epoch, initial_step, progress = 0, 0, EpochProgress()
     checkpoint = os.path.join(config.output, CHECKPOINT)
     if resume and os.path.isfile(checkpoint):
-        model = load_model_file(checkpoint, "checkpoint")
+        model, state = load_checkpoint(checkpoint)
         optimization.exclude_from_weight_decay(model, model.optimizer)
-        with open(os.path.join(config.output, CHECKPOINT_STATE)) as handle:
-            initial_epoch = int(json.load(handle)["epochs_done"])
+        initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
+        if initial_step:
+            progress = EpochProgress(initial_epoch, initial_step, state["epoch_loss"])
     else:
         model = build_model(config, num_images=train_split.num_examples)
         recipe = optimization.Recipe(
@@ -298,12 +267,7 @@ def _run(config, resume):
         )
         model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
 
-    # A resumed run sees a different (still seeded) order of crops from its first new epoch on.
     uses_importance = methods.get_method(config.method).importance
-    dataset = data.pretraining_dataset(
-        train_split, config.image_size, config.batch_size, seed=config.seed + initial_epoch,
-        repeat=config.steps_per_epoch is not None, with_geometry=uses_importance,
-    )
     run_info = {
         "config": config.to_json(),
         "backend": keras.backend.backend(),
@@ -318,8 +282,10 @@ def _run(config, resume):
 
     history_path = os.path.join(config.output, "history.csv")
     if resume:
-        _truncate_history(history_path, initial_epoch)
-    callbacks = [EpochStats(steps * config.batch_size)]
+        _truncate_history(history_path, initial_epoch)  # rows logged after the checkpoint are redone
+    elif os.path.isfile(history_path):
+        os.remove(history_path)
+    callbacks = [ResumedEpochLoss(progress, steps), EpochStats(config.batch_size)]
     refresh = None
     if uses_importance:
         from keras_mfm.importance import ImportanceRefresh
@@ -328,29 +294,35 @@ def _run(config, resume):
         refresh = ImportanceRefresh(
             lambda: data.indexed_dataset(train_split, config.image_size, max(config.batch_size, 256)),
             warmup, interval, verbose=config.verbose,
+            done_epoch=initial_epoch if initial_step else None,  # refreshed before the checkpoint
         )
         callbacks.append(refresh)  # after EpochStats: the refresh time counts in the epoch's time
     callbacks += [
         keras.callbacks.TerminateOnNaN(),
-        AtomicCheckpoint(config.output),
-        keras.callbacks.CSVLogger(history_path, append=resume and initial_epoch > 0),
+        AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),
+        keras.callbacks.CSVLogger(history_path, append=True),
     ]
+
+    cached = train_split.dataset.cache()  # decoded once, shared by every epoch's pipeline
     start = time.perf_counter()
-    if initial_epoch < config.epochs:
-        history = model.fit(
-            dataset,
-            epochs=config.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            verbose=config.verbose,
+    # One `fit` per epoch: each epoch's batches are a function of (seed, epoch) (data.pretraining_epoch),
+    # and a resume inside an epoch runs only its remaining steps.
+    for epoch in range(initial_epoch, config.epochs):
+        skip = initial_step if epoch == initial_epoch else 0
+        batches = data.pretraining_epoch(
+            train_split, config.image_size, config.batch_size, steps, epoch, seed=config.seed, skip_steps=skip,
+            with_geometry=uses_importance, cached=cached,
         )
-        losses = history.history.get("loss", [])
-        if losses and not math.isfinite(losses[-1]):
+        history = model.fit(
+            batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - skip, callbacks=callbacks,
+            verbose=config.verbose, shuffle=False,  # the batches are shuffled per epoch already
+        )
+        loss = history.history.get("loss", [float("nan")])[-1]
+        if model.stop_training or not math.isfinite(loss):
             raise TrainingError(
-                f"The loss became {losses[-1]} in epoch {initial_epoch + len(losses)}; training stopped. "
-                f"The last good checkpoint is {checkpoint}" + ("" if os.path.isfile(checkpoint) else " (none was written yet)")
-                + ". Lower --lr or check the data."
+                f"The loss became {loss} in epoch {epoch}; training stopped. The last good checkpoint is "
+                f"{checkpoint}" + ("" if os.path.isfile(checkpoint) else " (none was written yet)")
+                + "; --resume continues from it. Lower --lr or check the data."
             )
     seconds = time.perf_counter() - start
     if refresh is not None:

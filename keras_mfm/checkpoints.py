@@ -1,0 +1,180 @@
+"""Crash-safe checkpoints: a run killed at any moment resumes exactly where it stopped.
+
+A checkpoint is ONE file, `checkpoint.keras`: the whole pre-training model (weights, the AMT/FAMT
+importance table, the optimizer with its step counter, hence the learning-rate schedule's position)
+as `model.save` writes it, plus an entry `keras_mfm_state.json` holding what Keras does not save:
+
+    {"epochs_done": e, "steps_done": j,      the run stopped after step j of epoch e (j = 0: epoch end)
+     "epoch_loss": m,                        mean loss of those j steps (the epoch's history row)
+     "rng": [[...], ...]}                    every `keras.random.SeedGenerator` state of the model
+
+It is written to a temporary file and renamed (`os.replace`, atomic on POSIX), so the file on disk
+is always a complete checkpoint: the previous one or the new one. The data a run sees is a function
+of `(seed, epoch, step)` (`data.pretraining_epochs`), so the batches after a resume are those the
+uninterrupted run would have seen, and the masks too (restored generator states).
+"""
+
+import json
+import math
+import os
+import zipfile
+
+import keras
+import numpy as np
+
+CHECKPOINT = "checkpoint.keras"
+CHECKPOINT_STATE = "checkpoint.json"  # a human-readable copy of the state; the .keras file is the truth
+STATE_ENTRY = "keras_mfm_state.json"
+SEED_STATE = "seed_generator_state"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, or a checkpoint that cannot be used)."""
+
+
+def write_json_atomically(path, values):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(values, handle, indent=2, default=str)
+    os.replace(temporary, path)
+
+
+def save_atomically(model, path, state=None):
+    """`model.save(path)` through a temporary file and a rename; `state` goes in as `STATE_ENTRY`."""
+    temporary = path[: -len(".keras")] + ".tmp.keras"
+    model.save(temporary)
+    if state is not None:
+        with zipfile.ZipFile(temporary, "a") as archive:
+            archive.writestr(STATE_ENTRY, json.dumps(state))
+    os.replace(temporary, path)
+
+
+def load_model_file(path, what="model"):
+    """`keras.saving.load_model(path, safe_mode=True)` with a clear error naming the file."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"No {what} file at {path}.")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
+        raise TrainingError(
+            f"Cannot load the {what} file {path}: it is corrupt, truncated or not a keras_mfm "
+            f"file ({type(error).__name__}: {str(error)[:200]})."
+        ) from error
+
+
+def read_state(path):
+    """The `STATE_ENTRY` of a checkpoint file, or None for a checkpoint without one."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if STATE_ENTRY not in archive.namelist():
+                return None
+            return json.loads(archive.read(STATE_ENTRY))
+    except (OSError, zipfile.BadZipFile, ValueError) as error:
+        raise TrainingError(f"Cannot read the checkpoint file {path}: it is corrupt or truncated ({error}).") from error
+
+
+# -- random-number generator states --------------------------------------------------------------
+def _seed_variables(model):
+    return [v for v in model.variables if v.path.endswith(SEED_STATE)]
+
+
+def rng_states(model):
+    """Every SeedGenerator state of `model`, in variable order (`model.save` does not keep them)."""
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in _seed_variables(model)]
+
+
+def restore_rng_states(model, states):
+    variables = _seed_variables(model)
+    if len(variables) != len(states):
+        raise TrainingError(
+            f"The checkpoint holds {len(states)} random-generator states, the model has {len(variables)}: "
+            "it was written by a different model."
+        )
+    for variable, state in zip(variables, states):
+        variable.assign(np.asarray(state, dtype=variable.dtype))
+
+
+def sync_model_state(model):
+    """On JAX, `fit` keeps the variables outside the model during an epoch: write them back."""
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
+def load_checkpoint(path):
+    """`(model, state)` of a checkpoint file, the generator states restored; a checkpoint without
+    a state entry (an older run) counts as the end of the epoch in `checkpoint.json`."""
+    model = load_model_file(path, "checkpoint")
+    state = read_state(path)
+    if state is None:
+        legacy = os.path.join(os.path.dirname(path), CHECKPOINT_STATE)
+        with open(legacy) as handle:
+            state = {"epochs_done": int(json.load(handle)["epochs_done"]), "steps_done": 0, "rng": None}
+    if state.get("rng") is not None:
+        restore_rng_states(model, state["rng"])
+    return model, state
+
+
+# -- callbacks -------------------------------------------------------------------------------------
+class EpochProgress:
+    """Where an epoch resumed: `steps` done before this process and their mean `loss`."""
+
+    def __init__(self, epoch=None, steps=0, loss=0.0):
+        self.epoch, self.steps, self.loss = epoch, int(steps), float(loss)
+
+    def offset(self, epoch):
+        return (self.steps, self.loss) if epoch == self.epoch else (0, 0.0)
+
+
+class ResumedEpochLoss(keras.callbacks.Callback):
+    """After a resume in the middle of epoch `e`, Keras' epoch loss covers only the steps run in
+    this process: make it the mean over the whole epoch, as the uninterrupted run logs it.
+    Runs first among the callbacks, so history, checkpoints and TerminateOnNaN see the whole epoch."""
+
+    def __init__(self, progress, steps_per_epoch):
+        super().__init__()
+        self.progress = progress
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done, mean = self.progress.offset(epoch)
+        if done and logs and "loss" in logs:
+            logs["loss"] = (mean * done + float(logs["loss"]) * (self.steps_per_epoch - done)) / self.steps_per_epoch
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Writes `checkpoint.keras` (with its state) after every epoch and, with `every_steps`, every
+    that many steps inside an epoch; never with a non-finite loss, so the last good one stays."""
+
+    def __init__(self, directory, steps_per_epoch, every_steps=None, progress=None):
+        super().__init__()
+        self.directory = directory
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.progress = progress or EpochProgress()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.every_steps or not logs or "loss" not in logs:
+            return
+        done, mean = self.progress.offset(self.epoch)
+        steps = done + batch + 1  # steps of this epoch done so far
+        if steps % self.every_steps or steps >= self.steps_per_epoch:
+            return  # the epoch-end checkpoint covers the last step
+        running = (mean * done + float(logs["loss"]) * (batch + 1)) / steps
+        self.save(self.epoch, steps, running)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "loss" in logs:
+            self.save(epoch + 1, 0, float(logs["loss"]))
+
+    def save(self, epochs_done, steps_done, loss):
+        if not math.isfinite(loss):
+            return
+        sync_model_state(self.model)
+        state = {"epochs_done": epochs_done, "steps_done": steps_done, "epoch_loss": loss,
+                 "rng": rng_states(self.model)}
+        save_atomically(self.model, os.path.join(self.directory, CHECKPOINT), state)
+        write_json_atomically(os.path.join(self.directory, CHECKPOINT_STATE),
+                              {key: value for key, value in state.items() if key != "rng"})
