@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Score a pre-trained encoder (an encoder.keras written by train.py).
+"""Score a pre-trained encoder (an encoder.keras written by train.py), or look at a run.
 
     python eval.py linear     --encoder runs/mfm/encoder.keras --data ../shared/data/cifar10-jpeg.tar.gz
     python eval.py knn        --encoder runs/mfm/encoder.keras --data ../shared/data/cifar10-jpeg.tar.gz
     python eval.py finetune   --encoder runs/mfm/encoder.keras --data ... --epochs 100 --save-classifier ft.keras
     python eval.py robustness --classifier ft.keras --data ...
+    python eval.py show       --run runs/mfm --data ../shared/data/cifar10-jpeg.tar.gz --output runs/mfm/figures
 
 Sub-commands:
   linear      BatchNorm (no affine) + linear head on frozen features, LARS, 90 epochs, peak lr 6.4 (MAE)
@@ -13,9 +14,13 @@ Sub-commands:
               RandAugment m9, RandomErasing 0.25, MixUp 0.8 / CutMix 1.0 (SPEC.md recipe)
   robustness  top-1 under corruptions (noise, blur, JPEG, contrast, low/high-pass) at severities
               1-5, and under FGSM; of a --classifier, or of a linear probe trained on --encoder
+  show        figures of a pre-training run (its checkpoint.keras, the whole model):
+              reconstruction.png (what the model makes of a few test images), history.png
+              (loss, lr, images/s from history.csv) and corruptions.png (every corruption)
 
 `--random-init BACKBONE` evaluates a freshly initialised encoder instead: the baseline.
-Each prints a one-line summary and, with --output, writes the metrics as JSON.
+Each scoring sub-command prints a one-line summary and, with --output, writes the metrics as JSON;
+`show` writes its PNGs into the --output directory and prints their paths.
 """
 
 import argparse
@@ -105,7 +110,29 @@ def parse_args(argv=None):
     robust.add_argument("--fgsm-epsilon", type=_floats, default=[1 / 255],
                         help="comma-separated FGSM step sizes for images in [0, 1], e.g. 1/255,2/255")
     _probe_arguments(robust, prefix="probe-")
+
+    show = commands.add_parser("show", formatter_class=formatter,
+                               help="figures of a pre-training run: reconstructions, training curves, corruptions")
+    show.add_argument("--checkpoint", help="a run's checkpoint.keras (the whole pre-training model)")
+    show.add_argument("--run", metavar="RUN",
+                      help="a train.py output directory: --checkpoint RUN/checkpoint.keras, history RUN/history.csv")
+    show.add_argument("--data", required=True, help="image folder, .tar.gz of one, or tfds:NAME (test images)")
+    show.add_argument("--output", required=True, metavar="DIR",
+                      help="directory for reconstruction.png, history.png and corruptions.png")
+    show.add_argument("--images", type=int, default=4, help="number of test images (rows of the figures)")
+    show.add_argument("--history", default=None,
+                      help="history.csv to plot (None: the one next to the checkpoint, if there is one)")
+    show.add_argument("--image-size", type=int, default=None, help="must match the model's (None: the model's)")
+    show.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
+    show.add_argument("--backend", choices=BACKENDS, default=None, help="Keras backend")
+    show.add_argument("--seed", type=int, default=0, help="which test images, and the masks drawn")
     args = parser.parse_args(argv)
+    if args.command == "show":
+        if bool(args.checkpoint) == bool(args.run):
+            parser.error("show: give exactly one of --checkpoint or --run")
+        if args.images < 1:
+            parser.error(f"show: --images must be >= 1, got {args.images}")
+        return args
     sources = [bool(args.encoder), bool(args.random_init), bool(getattr(args, "classifier", None))]
     if sum(sources) != 1:
         wanted = "--encoder, --random-init or --classifier" if args.command == "robustness" else \
@@ -161,6 +188,41 @@ def load_classifier(path):
             "`eval.py finetune --save-classifier` or `eval.py linear --save-classifier`."
         )
     return classifier
+
+
+def show(args):
+    """`eval.py show`: writes the run's figures into `args.output`; returns their paths."""
+    import keras
+
+    from keras_mfm import training, visualize
+    from keras_mfm.layers.frequency_masking import FrequencyMasking
+
+    keras.utils.set_random_seed(args.seed)
+    checkpoint = args.checkpoint or os.path.join(args.run, training.CHECKPOINT)
+    history = args.history
+    if history is None:  # the run's own history.csv, if the checkpoint sits in a run directory
+        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "history.csv")
+        history = beside if os.path.isfile(beside) else None
+    model = visualize.check_pretraining_model(training.load_model_file(checkpoint, "checkpoint"), checkpoint)
+    height, width = model.encoder.image_size
+    if args.image_size and (args.image_size, args.image_size) != (height, width):
+        raise ValueError(f"The model was built for {height}x{width} images and cannot take --image-size "
+                         f"{args.image_size}.")
+    if history:
+        visualize.read_history(history)  # a bad history.csv fails before any data is read
+    images = visualize.load_images(args.data, args.images, (height, width), seed=args.seed)
+    os.makedirs(args.output, exist_ok=True)
+    paths = [visualize.reconstruction_figure(model, images, os.path.join(args.output, "reconstruction.png"),
+                                             seed=args.seed, dpi=args.dpi)]
+    if history:
+        paths.append(visualize.history_figure(history, os.path.join(args.output, "history.png"), dpi=args.dpi))
+    corruption = getattr(model, "corruption", None)
+    radius = corruption.radius if isinstance(corruption, FrequencyMasking) and corruption.radius_range is None \
+        else None
+    paths.append(visualize.corruption_figure(images, os.path.join(args.output, "corruptions.png"),
+                                             patch_size=getattr(model.encoder, "patch_size", 4), radius=radius,
+                                             seed=args.seed, dpi=args.dpi))
+    return paths
 
 
 def run(args):
@@ -246,6 +308,10 @@ def main(argv=None):
     from keras_mfm import data, training
 
     try:
+        if args.command == "show":
+            for path in show(args):
+                print(path)
+            return 0
         metrics, classifier = run(args)
     except (data.DataError, ValueError, training.TrainingError, FloatingPointError) as error:
         print(f"eval.py {args.command}: error: {error}", file=sys.stderr)

@@ -56,6 +56,11 @@ def parse_args(argv=None):
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="TensorBoard logs in OUTPUT/tensorboard: loss, lr, images/s per epoch and the reconstruction "
+                     "figure of 4 training images (tensorboard --logdir OUTPUT/tensorboard)")
+    run.add_argument("--tensorboard-every", type=int, default=None,
+                     help="epochs between reconstruction figures (default: 10%% of --epochs, >= 1; the last epoch always)")
     run.add_argument("--checkpoint-steps", type=int, default=None,
                      help="also write the checkpoint every N steps inside an epoch (default: at epoch ends only)")
     run.add_argument("--eval", default="knn,linear", help="score the encoder after pre-training: knn (weighted k-NN, "
@@ -168,7 +173,8 @@ def main(argv=None):
                 refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
                 decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
                 norm_pix_loss=args.norm_pix_loss,
-                seed=args.seed, checkpoint_steps=args.checkpoint_steps, output=args.output, jit_compile=False if args.no_jit else "auto",
+                seed=args.seed, checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
+                tensorboard_every=args.tensorboard_every, output=args.output, jit_compile=False if args.no_jit else "auto",
                 verbose=0 if args.quiet else 1, eval=args.eval,
                 eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
             )

@@ -86,6 +86,8 @@ class PretrainConfig:
     norm_pix_loss: bool = False
     seed: int = 0
     checkpoint_steps: int = None  # also checkpoint every N steps inside an epoch (None: epoch ends only)
+    tensorboard: bool = False  # TensorBoard logs in OUTPUT/tensorboard: scalars and reconstruction figures
+    tensorboard_every: int = None  # epochs between reconstruction figures (None: 10% of the run, >= 1)
     output: str = "runs/mfm"
     jit_compile: str = "auto"
     verbose: int = 1
@@ -233,6 +235,8 @@ def resume(output):
 
 def _run(config, resume):
     validate(config)
+    if config.tensorboard_every is not None and config.tensorboard_every < 1:
+        raise ValueError(f"--tensorboard-every must be >= 1, got {config.tensorboard_every}.")
     if config.checkpoint_steps is not None and config.checkpoint_steps < 1:
         raise ValueError(f"--checkpoint-steps must be >= 1, got {config.checkpoint_steps}.")
     keras.utils.set_random_seed(config.seed)
@@ -302,6 +306,13 @@ def _run(config, resume):
         AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),
         keras.callbacks.CSVLogger(history_path, append=True),
     ]
+    if config.tensorboard:
+        from keras_mfm.tensorboard import tensorboard_callbacks
+
+        images, _ = next(iter(data.indexed_dataset(train_split, config.image_size, 4)))
+        every = config.tensorboard_every or max(1, int(round(config.epochs / 10)))
+        callbacks += tensorboard_callbacks(os.path.join(config.output, "tensorboard"), np.asarray(images), every,
+                                           seed=config.seed, epochs=config.epochs)
 
     cached = train_split.dataset.cache()  # decoded once, shared by every epoch's pipeline
     start = time.perf_counter()

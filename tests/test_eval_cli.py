@@ -117,3 +117,81 @@ def test_bad_input_gets_clear_errors(cifar_root, encoder_file, tmp_path, capsys)
 
     with pytest.raises(SystemExit):  # argparse: exactly one model source
         load_cli().main(["knn", "--data", cifar_root])
+
+
+# -- eval.py show ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def show_run(tmp_path_factory):
+    """A run directory as train.py leaves it (a tiny MFM trained one epoch), and a 16x16 image folder."""
+    from keras_mfm import methods
+    from tests.conftest import smooth_images
+    from tests.test_data import write_folder
+
+    root = tmp_path_factory.mktemp("show")
+    keras.utils.set_random_seed(0)
+    encoder = backbones.ViTBackbone(image_size=16, patch_size=4, hidden_dim=32, depth=1, num_heads=2)
+    model = methods.build_method("mfm", encoder)
+    model.build((None, 16, 16, 3))
+    model.compile(optimizer="adam")
+    model.fit(smooth_images(8, 16), epochs=1, batch_size=4, verbose=0)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "checkpoint.keras")
+    encoder.save(run_dir / "encoder.keras")
+    (run_dir / "history.csv").write_text("epoch,epoch_seconds,images_per_second,loss,lr\n"
+                                         "0,1.5,5.3,0.9,0.001\n1,1.2,6.6,0.7,0.0005\n")
+    data_dir = write_folder(str(root / "data"), size=(16, 16))
+    return run_dir, data_dir
+
+
+def test_show_writes_the_figures_of_a_run(show_run, tmp_path, capsys):
+    run_dir, data_dir = show_run
+    out = tmp_path / "figures"
+    code, stdout, stderr = run(capsys, "show", "--run", run_dir, "--data", data_dir, "--output", out,
+                               "--images", "2", "--dpi", "40")
+    assert code == 0, stderr
+    names = ("reconstruction.png", "history.png", "corruptions.png")
+    assert stdout.split() == [str(out / name) for name in names]
+    for name in names:
+        assert os.path.getsize(out / name) > 1000, name
+    from PIL import Image
+
+    assert Image.open(out / "reconstruction.png").size == (360, 150)  # 6 panels x 1.5 in, 2 x 1.75 + 0.25 in, 40 dpi
+
+    # --checkpoint without a history.csv beside it: no history.png; --history names one explicitly
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    os.link(run_dir / "checkpoint.keras", lone / "model.keras")
+    code, stdout, stderr = run(capsys, "show", "--checkpoint", lone / "model.keras", "--data", data_dir,
+                               "--output", tmp_path / "f2", "--images", "2", "--dpi", "40", "--image-size", "16")
+    assert code == 0, stderr
+    assert [os.path.basename(p) for p in stdout.split()] == ["reconstruction.png", "corruptions.png"]
+    code, stdout, stderr = run(capsys, "show", "--checkpoint", lone / "model.keras", "--data", data_dir,
+                               "--output", tmp_path / "f3", "--images", "2", "--dpi", "40",
+                               "--history", run_dir / "history.csv")
+    assert code == 0 and "history.png" in stdout, stderr
+
+
+def test_show_errors_are_one_clear_line(show_run, tmp_path, capsys):
+    run_dir, data_dir = show_run
+    out = ["--data", data_dir, "--output", tmp_path / "out", "--images", "2"]
+
+    def error(*args):
+        code, _, stderr = run(capsys, "show", *args, *out)
+        assert code == 2
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("eval.py show: error: "), stderr
+        return last
+
+    assert "No checkpoint file at" in error("--checkpoint", tmp_path / "missing.keras")
+    assert "No checkpoint file at" in error("--run", tmp_path / "not_a_run")
+    assert "holds a ViTBackbone, which is not a keras_mfm pre-training model" in error(
+        "--checkpoint", run_dir / "encoder.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip file")
+    assert "corrupt" in error("--checkpoint", tmp_path / "junk.keras")
+    assert "No history file at" in error("--run", run_dir, "--history", tmp_path / "none.csv")
+    assert "cannot take --image-size 32" in error("--run", run_dir, "--image-size", "32")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
+    with pytest.raises(SystemExit):  # argparse: exactly one of --checkpoint / --run
+        load_cli().main(["show", "--run", str(run_dir), "--checkpoint", str(run_dir / "checkpoint.keras"),
+                         *map(str, out)])

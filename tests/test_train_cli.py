@@ -63,7 +63,7 @@ def test_famt_run_refreshes_the_importance_and_resumes_with_it(tmp_path):
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("deblur", ["--blur-kernel-sizes", "3", "5"]),
+    ("deblur", ["--blur-kernel-sizes", "3", "5", "--tensorboard"]),
     ("simmim_famt", ["--refresh-warmup", "1", "--refresh-interval", "1"]),
 ])
 def test_restoration_and_simmim_runs(tmp_path, method, extra):
@@ -74,6 +74,11 @@ def test_restoration_and_simmim_runs(tmp_path, method, extra):
     assert info["config"]["method"] == method and np.isfinite(info["final_loss"])
     if method == "simmim_famt":
         assert [r["epoch"] for r in info["importance_refreshes"]] == [1]
+    else:  # --tensorboard: scalars every epoch, the reconstruction figure after the last (10% of 2 epochs -> every 1)
+        import glob
+
+        assert glob.glob(os.path.join(output, "tensorboard", "train", "events.out.tfevents.*"))
+        assert glob.glob(os.path.join(output, "tensorboard", "images", "events.out.tfevents.*"))
     model = keras.saving.load_model(os.path.join(output, "checkpoint.keras"))
     assert model.name == method
 

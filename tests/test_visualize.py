@@ -35,3 +35,171 @@ def test_corruption_figure_renders_a_non_blank_png(tmp_path):
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape == (int(1.7 * 4 * 50), int(1.6 * 8 * 50), 3)  # 2 rows per image, 8 views
     assert image.std() > 20  # not blank
+
+
+# -- reconstruction_figure / history_figure -----------------------------------------------------
+import io  # noqa: E402
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+from keras import ops  # noqa: E402
+
+from keras_mfm import backbones, methods  # noqa: E402
+from keras_mfm.importance import ImportanceScorer  # noqa: E402
+from keras_mfm.masking import MASKED, THROWN, VISIBLE  # noqa: E402
+from keras_mfm.models.mae import patchify  # noqa: E402
+from tests.conftest import to_numpy  # noqa: E402
+
+DPI = 40  # with PANEL_WIDTH 1.5, PANEL_HEIGHT 1.75 and TITLE_HEIGHT 0.25 every size is a whole pixel count
+DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+COLUMNS = {"mfm": 6, "sr": 6, "mae": 4, "famt": 5, "simmim": 4}  # famt adds the importance map
+
+
+def tiny_model(method, **options):
+    keras.utils.set_random_seed(0)
+    encoder = backbones.ViTBackbone(image_size=16, patch_size=4, hidden_dim=32, depth=1, num_heads=2)
+    if method in ("mae", "amt", "famt"):
+        options = {**DECODER, **options}
+    if method in ("amt", "famt", "simmim_famt"):
+        options.setdefault("num_images", 4)
+    model = methods.build_method(method, encoder, **options)
+    model.build((None, 16, 16, 3))
+    if getattr(model, "importance", None):
+        model.set_importance(np.random.default_rng(0).uniform(0.1, 1.0, (4, 16)).astype("float32"))
+    return model
+
+
+def seed_states(model):
+    return [to_numpy(v).copy() for v in model.variables if v.name == "seed_generator_state"]
+
+
+def png_pixels(target):
+    return np.asarray(Image.open(target).convert("RGB"))
+
+
+@pytest.mark.parametrize("method", list(COLUMNS))
+def test_reconstruction_figure_renders_every_kind_of_model(method, tmp_path):
+    model = tiny_model(method)
+    before = seed_states(model)
+    path = visualize.reconstruction_figure(model, smooth_images(2, 16), str(tmp_path / "r.png"), dpi=DPI)
+    image = png_pixels(path)
+    height = (visualize.PANEL_HEIGHT * 2 + visualize.TITLE_HEIGHT) * DPI
+    assert image.shape == (int(height), int(visualize.PANEL_WIDTH * COLUMNS[method] * DPI), 3)
+    assert image.std() > 20  # not blank
+    after = seed_states(model)  # drawing the figure leaves the model's random stream where it was
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_reconstruction_figure_is_reproducible_and_writes_to_a_file_object():
+    model, images = tiny_model("mae"), smooth_images(2, 16)
+    first, second, other = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    for target, seed in ((first, 0), (second, 0), (other, 1)):
+        assert visualize.reconstruction_figure(model, images, target, seed=seed, dpi=DPI) is target
+        target.seek(0)
+    assert np.array_equal(png_pixels(first), png_pixels(second))
+    assert not np.array_equal(png_pixels(first), png_pixels(other))  # another seed, other masks
+
+
+def test_compose_reconstruction_by_hand():
+    images = np.random.default_rng(0).random((1, 8, 8, 3)).astype("float32")
+    labels = np.array([[VISIBLE, MASKED, THROWN, VISIBLE]])  # top left, top right, bottom left, bottom right
+    predicted = np.full((1, 4, 48), 0.25, "float32")
+    out = visualize.compose_reconstruction(images, labels, predicted, 4)
+    assert out.shape == (1, 8, 8, 3)
+    np.testing.assert_array_equal(out[0, :4, :4], images[0, :4, :4])  # visible: the input
+    np.testing.assert_array_equal(out[0, 4:, 4:], images[0, 4:, 4:])
+    assert np.all(out[0, :4, 4:] == 0.25)  # masked: the prediction
+    assert np.all(out[0, 4:, :4] == 0.0)  # thrown: black
+    np.testing.assert_array_equal(visualize.patchify_numpy(images, 4), to_numpy(patchify(images, 4)))
+
+
+@pytest.mark.parametrize("method,options", [("mae", {"norm_pix_loss": True}), ("mae", {}), ("simmim", {})])
+def test_a_perfect_prediction_reconstructs_the_image(method, options, monkeypatch):
+    """Un-normalising (and, with norm_pix_loss, re-scaling by the true patches) inverts the target."""
+    model, images = tiny_model(method, **options), smooth_images(2, 16)
+    target = model.target if method == "mae" else \
+        (lambda x: patchify(model.encoder.normalize(x), model.encoder.patch_size))
+
+    def perfect(images, draw, training=None):
+        return ops.take_along_axis(target(images), ops.cast(draw.masked, "int32")[:, :, None], axis=1)
+
+    monkeypatch.setattr(model, "reconstruct", perfect)
+    views = visualize.token_reconstruction(model, images)
+    labels = views["labels"]
+    assert views["importance"] is None and not np.any(labels == THROWN)
+    assert np.sum(labels == MASKED) == 2 * 12  # MAE: 0.75 of 16 patches; SimMIM: ceil(0.6 x 4) units of 4
+    np.testing.assert_allclose(views["reconstruction"], images, atol=2e-5)
+    masked = np.repeat(np.repeat((labels == MASKED).reshape(2, 4, 4), 4, axis=1), 4, axis=2)
+    assert np.all(views["tokens"][masked] == visualize.GREY)
+    np.testing.assert_allclose(views["prediction"][masked], images[masked], atol=2e-5)
+    assert np.all(views["prediction"][~masked] == visualize.BACKGROUND)
+
+
+def test_famt_views_follow_the_importance_of_these_images():
+    model, images = tiny_model("famt"), smooth_images(2, 16)
+    with visualize.seeded_draws(model, 0):
+        views = visualize.token_reconstruction(model, images)
+    expected = to_numpy(ImportanceScorer(model.encoder, "famt")(images))
+    np.testing.assert_allclose(views["importance"], expected, rtol=1e-5, atol=1e-7)
+    labels = views["labels"]
+    assert np.all(np.sum(labels == MASKED, axis=1) == 7) and np.all(np.sum(labels == THROWN, axis=1) == 6)
+    thrown = np.repeat(np.repeat((labels == THROWN).reshape(2, 4, 4), 4, axis=1), 4, axis=2)
+    assert np.all(views["tokens"][thrown] == 0) and np.all(views["reconstruction"][thrown] == 0)
+    # a given importance map drives the draw: all weight on four patches -> those are the masked ones
+    weights = np.full((2, 16), 1e-6, "float32")
+    weights[:, [0, 5, 10, 15]] = 1.0
+    views = visualize.token_reconstruction(model, images, importance=weights)
+    assert np.all(views["labels"][:, [0, 5, 10, 15]] == MASKED)
+    with pytest.raises(ValueError, match="importance map of shape"):
+        visualize.token_reconstruction(model, images, importance=weights[:, :8])
+    with pytest.raises(ValueError, match="no patches by importance"):
+        visualize.token_reconstruction(tiny_model("simmim"), images, importance=weights)
+
+
+def test_frequency_views_of_mfm_and_a_restoration_baseline():
+    images = smooth_images(2, 16)
+    views = visualize.frequency_reconstruction(tiny_model("mfm"), images)
+    prediction = views["prediction"]
+    assert prediction.shape == images.shape and 0 <= prediction.min() <= prediction.max() <= 1
+    assert set(np.unique(views["kept_mask"])) == {0.0, 1.0}  # some frequencies kept, some masked
+    views = visualize.frequency_reconstruction(tiny_model("sr"), images)
+    assert np.all(views["kept_mask"] == 0)  # restoration: nothing kept, no overlay
+
+
+def test_reconstruction_figure_rejects_encoders_and_wrong_images(tmp_path):
+    encoder = backbones.ViTBackbone(image_size=16, patch_size=4, hidden_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"not a keras_mfm pre-training model \(MFM, MAE, SimMIM\)"):
+        visualize.reconstruction_figure(encoder, smooth_images(1, 16), str(tmp_path / "r.png"))
+    with pytest.raises(ValueError, match="takes 16x16 images, got 8x8"):
+        visualize.reconstruction_figure(tiny_model("mfm"), smooth_images(1, 8), str(tmp_path / "r.png"))
+    assert not (tmp_path / "r.png").exists()
+
+
+def write_history(path, rows, columns=("epoch", "epoch_seconds", "images_per_second", "loss", "lr")):
+    with open(path, "w") as handle:
+        handle.write(",".join(columns) + "\n")
+        for row in rows:
+            handle.write(",".join(str(v) for v in row) + "\n")
+    return str(path)
+
+
+def test_history_figure(tmp_path):
+    rows = [(0, 1.2, 100.0, 2.0, 1e-4), (1, 1.0, 120.0, 1.4, 2e-4), (2, 1.0, 121.0, 1.1, 1.5e-4)]
+    path = visualize.history_figure(write_history(tmp_path / "history.csv", rows), str(tmp_path / "h.png"), dpi=50)
+    image = png_pixels(path)
+    assert image.shape == (160, 450, 3) and image.std() > 5  # two panels of 4.5 x 3.2 inches
+    history = visualize.read_history(str(tmp_path / "history.csv"))
+    np.testing.assert_array_equal(history["loss"], [2.0, 1.4, 1.1])
+    # without images/s: the loss (and lr) panel only
+    lean = write_history(tmp_path / "lean.csv", [(0, 0.5), (1, 0.4)], columns=("epoch", "loss"))
+    assert png_pixels(visualize.history_figure(lean, str(tmp_path / "l.png"), dpi=50)).shape == (160, 225, 3)
+
+
+def test_history_figure_errors(tmp_path):
+    with pytest.raises(ValueError, match="No history file at"):
+        visualize.history_figure(str(tmp_path / "missing.csv"), str(tmp_path / "h.png"))
+    with pytest.raises(ValueError, match="holds no epochs"):
+        visualize.history_figure(write_history(tmp_path / "empty.csv", []), str(tmp_path / "h.png"))
+    with pytest.raises(ValueError, match="no 'loss' column"):
+        visualize.history_figure(write_history(tmp_path / "x.csv", [(0, 1)], ("epoch", "acc")), str(tmp_path / "h.png"))
+    assert not (tmp_path / "h.png").exists()
