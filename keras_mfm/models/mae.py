@@ -168,12 +168,6 @@ class MAE(TokenMaskingModel):
         target = ops.take_along_axis(self.target(images), ops.cast(masked, "int32")[:, :, None], axis=1)
         return ops.mean(ops.square(ops.cast(prediction, "float32") - target))
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        images, _ = self.split_inputs(x)
-        prediction, masked = y_pred
-        loss = self.reconstruction_loss(images, prediction, masked)
-        return loss + ops.cast(ops.sum(self.losses), "float32") if self.losses else loss
-
     def get_config(self):
         config = super().get_config()
         config.update({

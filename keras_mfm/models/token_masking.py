@@ -115,6 +115,19 @@ class TokenMaskingModel(EncoderModel):
                 mask_ratio, throw_ratio = self.warmup_mask_ratio, 0.0
         return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False)
 
+    # -- loss ----------------------------------------------------------------------------------
+    def reconstruction_loss(self, images, prediction, masked):
+        """The method's loss on the masked patches `masked` `(B, M)` of `prediction` `(B, M, p*p*3)`."""
+        raise NotImplementedError
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """`reconstruction_loss` of the call's `(prediction, masked)` (+ any layer losses); all three
+        `model.fit` trainers call it."""
+        images, _ = self.split_inputs(x)
+        prediction, masked = y_pred
+        loss = self.reconstruction_loss(images, prediction, masked)
+        return loss + ops.cast(ops.sum(self.losses), "float32") if self.losses else loss
+
     def get_config(self):
         config = super().get_config()
         config.update({
