@@ -27,6 +27,7 @@ from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur
 from keras_mfm.masking import MASKED, THROWN, VISIBLE, select_tokens
 from keras_mfm.models import MFM, SimMIM, TokenMaskingModel
+from keras_mfm.models.mae import patchify, unpatchify
 
 GREY = 0.5  # fill colour of a masked patch
 THROWN_FILL = 0.0  # fill colour of a thrown patch (black)
@@ -69,14 +70,10 @@ def log_spectrum(images):
 
 def grey_patches(images, patch_mask, patch_size):
     """Images with the patches where `patch_mask` `(B, N)` is 1 painted grey (row-major patches)."""
-    images = np.array(images, dtype="float32")
-    batch, height, width, _ = images.shape
-    columns = width // patch_size
-    for b, row in enumerate(np.asarray(patch_mask)):
-        for index in np.flatnonzero(row):
-            r, c = divmod(int(index), columns)
-            images[b, r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size] = GREY
-    return images
+    images = np.asarray(images, dtype="float32")
+    grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
+    labels = np.where(np.asarray(patch_mask) > 0, MASKED, VISIBLE)
+    return _compose(labels, patchify_numpy(images, patch_size), GREY, GREY, patch_size, grid)
 
 
 def corruption_views(images, patch_size=4, radius=None, seed=0):
@@ -202,18 +199,13 @@ def _denormalize(model, values):
 
 
 def patchify_numpy(images, patch_size):
-    """NumPy `models.mae.patchify`: `(B, H, W, C) -> (B, N, p * p * C)`, row-major patches."""
-    batch, height, width, channels = images.shape
-    p = patch_size
-    x = images.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+    """`models.mae.patchify` as a NumPy array: `(B, H, W, C) -> (B, N, p * p * C)`, row-major patches."""
+    return _numpy(patchify(np.asarray(images, dtype="float32"), patch_size))
 
 
 def unpatchify_numpy(patches, patch_size, grid_size, channels=3):
-    """NumPy `models.mae.unpatchify`: `(B, N, p * p * C) -> (B, H, W, C)`."""
-    (rows, cols), p = grid_size, patch_size
-    x = np.asarray(patches).reshape(-1, rows, cols, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, rows * p, cols * p, channels)
+    """`models.mae.unpatchify` as a NumPy array: `(B, N, p * p * C) -> (B, H, W, C)`."""
+    return _numpy(unpatchify(np.asarray(patches, dtype="float32"), patch_size, grid_size, channels))
 
 
 def _compose(labels, visible, masked, thrown, patch_size, grid_size):
