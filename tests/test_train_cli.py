@@ -147,6 +147,8 @@ def test_readme_command_on_this_backend(tmp_path):
         (["--radius", "2", "--radius-range", "1", "3"], "radius_range"),
         (["--method", "simmim", "--mask-patch-size", "6"], "multiple of the patch size"),
         (["--method", "simmim_famt", "--backbone", "resnet50", "--image-size", "32"], "needs a ViT backbone"),
+        (["--checkpoint-steps", "0"], "--checkpoint-steps must be >= 1"),
+        (["--tensorboard", "--tensorboard-every", "0"], "--tensorboard-every must be >= 1"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, arguments, message):
