@@ -156,3 +156,28 @@ def test_resnet50_shapes_and_round_trip(tmp_path):
 def test_input_normalisation():
     model = small_vit(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     np.testing.assert_allclose(to_numpy(model.normalize(np.full((1, 2, 2, 3), 0.75, "float32"))), 1.0)
+
+
+def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
+    """torchvision's ResNet-50 layout (stride in the 3x3 convolution, no conv biases)."""
+    model = backbones.get_backbone("resnet50_v1_5", image_size=64)
+    assert model.variant == "v1.5" and model.get_config()["variant"] == "v1.5"
+    x = images(2, 64)
+    features = model(x)
+    assert tuple(features.shape) == (2, 2, 2, 2048)
+    assert tuple(model.pooled_features(features).shape) == (2, 2048)
+    # torchvision's resnet50 without fc: 23,508,032 parameters, + 53,120 BatchNorm statistics
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 23_508_032
+    assert model.count_params() == 23_561_152
+    strided = model.resnet.get_layer("conv3_block1_2_conv")
+    assert strided.strides == (2, 2) and not strided.use_bias
+    assert model.resnet.get_layer("conv3_block1_1_conv").strides == (1, 1)
+    assert model.resnet.get_layer("conv3_block1_2_bn").epsilon == 1e-5
+    path = os.path.join(tmp_path, "resnet_v1_5.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, backbones.ResNetBackbone) and loaded.variant == "v1.5"
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(features), atol=1e-5)
+    assert backbones.ResNetBackbone(image_size=32).variant == "v1"  # the default is unchanged
+    with pytest.raises(ValueError, match="Unknown ResNet variant"):
+        backbones.ResNetBackbone(image_size=32, variant="v2")

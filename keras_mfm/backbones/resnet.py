@@ -1,33 +1,106 @@
-"""ResNet-50 encoder: `keras.applications.ResNet50(weights=None, include_top=False)`.
+"""ResNet-50 encoders, in two variants.
 
 images `(B, H, W, 3)` in [0, 1] -> feature map `(B, H / 32, W / 32, 2048)`.
+
+- `"v1"` (default, preset `resnet50`): `keras.applications.ResNet50(weights=None, include_top=False)`,
+  the original ResNet v1: a downsampling block strides in its first 1x1 convolution, convolutions
+  have biases, BatchNorm epsilon 1.001e-5.
+- `"v1.5"` (preset `resnet50_v1_5`): torchvision's and timm's ResNet-50, the one MFM pre-trains
+  and that `keras_mfm.convert` loads PyTorch checkpoints into: a downsampling block strides in its
+  3x3 convolution, which is zero-padded by 1 on every side as in PyTorch (Keras' `"same"` would pad
+  only bottom/right at even sizes), convolutions have no bias, BatchNorm epsilon 1e-5 and momentum
+  0.9 (PyTorch's 0.1), He-normal (fan-out) convolution kernels. Same layer names as Keras'
+  application (`conv1_conv`, `conv2_block1_1_conv`, ..., `conv5_block3_out`).
 """
 
 import keras
-from keras import ops
+from keras import layers, ops
 
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+
+VARIANTS = ("v1", "v1.5")
+#: ResNet-50: (bottleneck width, blocks, stride of the first block) per stage conv2..conv5
+RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
+def _conv(filters, kernel_size, strides, name, padding="valid"):
+    return layers.Conv2D(
+        filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+        kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
+        name=name,
+    )
+
+
+def _batch_norm(name):
+    return layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name)
+
+
+def _bottleneck_v1_5(x, filters, strides, project, name):
+    """1x1 -> 3x3 (strided) -> 1x1 (x4 channels), + the identity or a strided 1x1 projection."""
+    shortcut = x
+    if project:
+        shortcut = _conv(4 * filters, 1, strides, f"{name}_0_conv")(x)
+        shortcut = _batch_norm(f"{name}_0_bn")(shortcut)
+    x = _conv(filters, 1, 1, f"{name}_1_conv")(x)
+    x = _batch_norm(f"{name}_1_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+    if strides > 1:  # PyTorch's padding=1 on every side, then a "valid" strided convolution
+        x = layers.ZeroPadding2D(1, name=f"{name}_2_pad")(x)
+        x = _conv(filters, 3, strides, f"{name}_2_conv")(x)
+    else:
+        x = _conv(filters, 3, 1, f"{name}_2_conv", padding="same")(x)
+    x = _batch_norm(f"{name}_2_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = _conv(4 * filters, 1, 1, f"{name}_3_conv")(x)
+    x = _batch_norm(f"{name}_3_bn")(x)
+    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    return layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def resnet50_v1_5(input_shape, name="resnet50_v1_5"):
+    """torchvision's ResNet-50 (v1.5) without pooling and classifier, as a functional Keras model."""
+    inputs = keras.Input(shape=input_shape, name="input_layer")
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+    x = _conv(64, 7, 2, "conv1_conv")(x)
+    x = _batch_norm("conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)  # zeros after a ReLU: same as PyTorch's -inf
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, (filters, blocks, strides) in enumerate(RESNET50_STAGES, start=2):
+        for block in range(1, blocks + 1):
+            x = _bottleneck_v1_5(
+                x, filters, strides if block == 1 else 1, project=block == 1, name=f"conv{stage}_block{block}"
+            )
+    return keras.Model(inputs, x, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
 class ResNetBackbone(Backbone):
-    """The standard 4-stage ResNet-50 without its classifier (Keras core's application).
+    """The standard 4-stage ResNet-50 without its classifier.
 
     Args:
         image_size: int or (H, W), each a multiple of 32 and at least 32.
         mean, std: input normalisation (see `Backbone`).
+        variant: `"v1"` (Keras' application, the default) or `"v1.5"` (torchvision's / timm's
+            layout; see the module docstring).
     """
 
-    def __init__(self, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+    def __init__(self, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, variant="v1", **kwargs):
         super().__init__(image_size=image_size, mean=mean, std=std, **kwargs)
         height, width = self.image_size
         if height % 32 or width % 32:
             raise ValueError(
                 f"Image size {height}x{width} is not divisible by ResNet-50's output stride 32."
             )
-        self.resnet = keras.applications.ResNet50(
-            weights=None, include_top=False, input_shape=(height, width, 3), name="resnet50"
-        )
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown ResNet variant {variant!r}; choose one of {VARIANTS}.")
+        self.variant = variant
+        if variant == "v1":
+            self.resnet = keras.applications.ResNet50(
+                weights=None, include_top=False, input_shape=(height, width, 3), name="resnet50"
+            )
+        else:
+            self.resnet = resnet50_v1_5((height, width, 3))
 
     @property
     def output_stride(self):
@@ -57,3 +130,8 @@ class ResNetBackbone(Backbone):
         if pooling not in ("mean", "avg"):
             raise ValueError(f"ResNet features are average-pooled; got pooling={pooling!r}.")
         return ops.mean(outputs, axis=(1, 2))
+
+    def get_config(self):
+        config = super().get_config()
+        config["variant"] = self.variant
+        return config
