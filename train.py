@@ -8,6 +8,7 @@ Writes OUTPUT/encoder.keras, OUTPUT/config.json, OUTPUT/history.csv and a checkp
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -69,11 +70,35 @@ def parse_args(argv=None):
     run.add_argument("--eval-train-images", type=int, default=10_000,
                      help="k-NN bank / linear-probe training images (0: the whole training split)")
     run.add_argument("--eval-test-images", type=int, default=2_000, help="test images (0: the whole test split)")
-    run.add_argument("--no-jit", action="store_true", help="disable XLA compilation (TensorFlow/JAX)")
+    jit = run.add_mutually_exclusive_group()
+    jit.add_argument("--no-jit", action="store_true",
+                     help="run the train step without XLA (default, Keras' auto: XLA on JAX, and on TensorFlow when "
+                     "a GPU/TPU is present; PyTorch eager)")
+    jit.add_argument("--jit", action="store_true",
+                     help="compile the train step with XLA on TensorFlow even on a CPU-only machine, torch.compile "
+                     "on PyTorch")
+    run.add_argument("--precision", choices=("float32", "mixed_bfloat16", "mixed_float16"), default="float32",
+                     help="dtype policy; FFTs, losses and the FAMT importance stay float32, mixed_float16 adds "
+                     "dynamic loss scaling")
+
+    scale = parser.add_argument_group("distribution (keras_mfm.distribution; --batch-size is the global batch)")
+    scale.add_argument("--distribute", action="store_true",
+                       help="data-parallel over every device: keras.distribution.DataParallel on JAX, "
+                       "tf.distribute.MirroredStrategy on TensorFlow (MultiWorkerMirroredStrategy with TF_CONFIG); "
+                       "not available on PyTorch")
+    scale.add_argument("--devices", type=int, default=None, help="with --distribute: use only the first N devices")
+    scale.add_argument("--cpu-devices", type=int, default=None,
+                       help="with --distribute: split the CPU into N virtual devices (to try distribution without "
+                       "accelerators)")
+    scale.add_argument("--coordinator-address", default=None,
+                       help="several JAX hosts: host:port of process 0 (with --num-processes and --process-id)")
+    scale.add_argument("--num-processes", type=int, default=None, help="several JAX hosts: their number")
+    scale.add_argument("--process-id", type=int, default=None, help="several JAX hosts: this host's rank")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="vit_tiny", help="vit_tiny | vit_small | vit_base | resnet50")
+    model.add_argument("--backbone", default="vit_tiny",
+                       help="vit_tiny | vit_small | vit_base | resnet50 (Keras, v1) | resnet50_v1_5 (torchvision's)")
     model.add_argument("--image-size", type=int, default=32, help="training image size (square)")
     model.add_argument("--patch-size", type=int, default=4, help="ViT patch size (the image size must be a multiple)")
     model.add_argument("--depth", type=int, default=None, help="override the ViT preset's number of blocks")
@@ -144,13 +169,26 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _saved_setting(output, name):
+    """A setting of the run in `output` (its config.json), read before Keras loads; None if absent."""
+    try:
+        with open(os.path.join(output, "config.json")) as handle:
+            return json.load(handle)["config"].get(name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cpu_devices = args.cpu_devices or (_saved_setting(args.output, "cpu_devices") if args.resume else None)
+    if cpu_devices and os.environ.get("KERAS_BACKEND") == "jax":  # JAX reads it once, when it starts
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={cpu_devices}"])
 
-    from keras_mfm import data, training  # Keras loads here, after KERAS_BACKEND is set
+    from keras_mfm import data, distribution, training  # Keras loads here, after KERAS_BACKEND is set
 
     try:
         if args.resume:
@@ -174,12 +212,15 @@ def main(argv=None):
                 decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
                 norm_pix_loss=args.norm_pix_loss,
                 seed=args.seed, checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
-                tensorboard_every=args.tensorboard_every, output=args.output, jit_compile=False if args.no_jit else "auto",
+                tensorboard_every=args.tensorboard_every, output=args.output, jit_compile=False if args.no_jit else True if args.jit else "auto",
+                precision=args.precision, distribute=args.distribute, devices=args.devices,
+                cpu_devices=args.cpu_devices, coordinator_address=args.coordinator_address,
+                num_processes=args.num_processes, process_id=args.process_id,
                 verbose=0 if args.quiet else 1, eval=args.eval,
                 eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
             )
             result = training.pretrain(config)
-    except (data.DataError, ValueError, training.TrainingError) as error:
+    except (data.DataError, distribution.DistributionError, ValueError, training.TrainingError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     info = result["info"]

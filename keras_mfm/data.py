@@ -324,7 +324,7 @@ def pretraining_dataset(
 
     Yields `images` `(B, H, W, 3)` float32 in [0, 1] (or `(images, labels)` with `with_labels`),
     full batches only. With `with_geometry` it yields a dict `{"images", "index" (B,) int64,
-    "box" (B, 4) float32 (y0, x0, y1, x1) fractions of the source image, "flip" (B,) bool}`: what
+    "box" (B, 4) float32 (y0, x0, y1, x1) fractions of the source image, "flip" (B,) int32 0/1}`: what
     FAMT needs to make each image's importance map follow its crop and flip. Deterministic given `seed`: the crops and flips come from stateless ops fed
     by `tf.data.Dataset.random(seed)` and the shuffle is seeded (re-shuffled every epoch).
     `cache` keeps the decoded images in memory (right for CIFAR-sized data).
@@ -371,7 +371,8 @@ def _training_view(item, size, crop_seed, flip_seed, augment=True, crop_scale=(0
         box, flip = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(False)
     image = tf.ensure_shape(image, size + (3,))
     if with_geometry:
-        return {"images": image, "index": index, "box": box, "flip": flip}
+        # flip as int32 0/1: tf.distribute averages a first batch when it builds a model, which a bool cannot be
+        return {"images": image, "index": index, "box": box, "flip": tf.cast(flip, "int32")}
     return (image, label) if with_labels else image
 
 

@@ -187,11 +187,17 @@ def frequency_filter(images, mask):
         `(B, H, W, C)` float32 filtered images.
     """
     _check_images(images)
-    height, width = images.shape[1], images.shape[2]
-    weight = _unshifted_mask(mask, height, width)
-    real, imag = _spectrum(images)
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    weight = _unshifted_mask(mask, height, width)[:, 0]  # (1 or B, H, W)
+    # The channel planes as one (B*C, H, W) stack (a per-image mask repeated per channel). Besides
+    # being one batched FFT, this rank-3 layout is the one XLA's CPU FFT accepts when the batch is
+    # sharded over devices (keras.distribution.DataParallel); (B, C, H, W) fails there.
+    planes = ops.reshape(ops.transpose(ops.cast(images, "float32"), (0, 3, 1, 2)), (-1, height, width))
+    if weight.shape[0] != 1:
+        weight = ops.repeat(weight, channels, axis=0)
+    real, imag = ops.fft2((planes, ops.zeros_like(planes)))
     filtered, _ = ops.ifft2((real * weight, imag * weight))
-    filtered = ops.clip(filtered, 0.0, 1.0)
+    filtered = ops.reshape(ops.clip(filtered, 0.0, 1.0), (-1, channels, height, width))
     return ops.transpose(filtered, (0, 2, 3, 1))
 
 

@@ -24,7 +24,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_mfm import backbones, data, methods, optimization
+from keras_mfm import backbones, data, distribution, methods, optimization
 from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
     CHECKPOINT,
     CHECKPOINT_STATE,
@@ -39,6 +39,7 @@ from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file 
 )
 
 ENCODER = "encoder.keras"
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass
@@ -89,7 +90,14 @@ class PretrainConfig:
     tensorboard: bool = False  # TensorBoard logs in OUTPUT/tensorboard: scalars and reconstruction figures
     tensorboard_every: int = None  # epochs between reconstruction figures (None: 10% of the run, >= 1)
     output: str = "runs/mfm"
-    jit_compile: str = "auto"
+    jit_compile: str = "auto"  # "auto": XLA on TensorFlow (when the model allows) and JAX, eager PyTorch
+    precision: str = "float32"  # dtype policy: float32, mixed_bfloat16 or mixed_float16 (FFTs and losses in float32)
+    distribute: bool = False  # data-parallel (keras_mfm.distribution): JAX DataParallel / TF MirroredStrategy
+    devices: int = None  # with distribute: only the first N devices (default: all)
+    cpu_devices: int = None  # with distribute: split the CPU into N virtual devices (no accelerator needed)
+    coordinator_address: str = None  # several JAX hosts: "host:port" of process 0
+    num_processes: int = None  # several JAX hosts: how many
+    process_id: int = None  # several JAX hosts: this one's rank
     verbose: int = 1
     eval: str = "knn,linear"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
     eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
@@ -151,6 +159,8 @@ def validate(config):
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"Unknown --precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}.")
     if config.backbone not in backbones.BACKBONE_PRESETS:
         raise ValueError(
             f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
@@ -239,6 +249,45 @@ def _run(config, resume):
         raise ValueError(f"--tensorboard-every must be >= 1, got {config.tensorboard_every}.")
     if config.checkpoint_steps is not None and config.checkpoint_steps < 1:
         raise ValueError(f"--checkpoint-steps must be >= 1, got {config.checkpoint_steps}.")
+    previous_policy, previous_distribution = keras.config.dtype_policy(), keras.distribution.distribution()
+    replication = distribution.setup(
+        config.distribute, config.devices, config.cpu_devices, config.coordinator_address, config.num_processes,
+        config.process_id,
+    )
+    replication.check_batch_size(config.batch_size)
+    distribution.check_precision(config.precision)
+    # The policy of the layers built from here on (a resumed model keeps the one it was saved with).
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        return _train(config, resume, replication)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        keras.distribution.set_distribution(previous_distribution)
+
+
+def _base_optimizer(optimizer):
+    """The AdamW inside a `LossScaleOptimizer` (mixed_float16), or `optimizer` itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _new_model(config, num_images, steps, total_steps):
+    """The compiled pre-training model of a new run (call inside the replication scope)."""
+    distribution.check_precision(keras.config.dtype_policy().name)
+    model = build_model(config, num_images=num_images)
+    recipe = optimization.Recipe(
+        base_lr=config.base_lr, lr=config.lr, min_lr=config.min_lr,
+        weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+    )
+    warmup_epochs = config.epochs / 15 if config.warmup_epochs is None else config.warmup_epochs
+    optimizer = optimization.build_optimizer(
+        model, recipe, config.batch_size, total_steps, warmup_steps=int(round(warmup_epochs * steps))
+    )
+    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer (dynamic loss scaling).
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    return model
+
+
+def _train(config, resume, replication):
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output, exist_ok=True)
 
@@ -254,22 +303,17 @@ def _run(config, resume):
     initial_epoch, initial_step, progress = 0, 0, EpochProgress()
     checkpoint = os.path.join(config.output, CHECKPOINT)
     if resume and os.path.isfile(checkpoint):
-        model, state = load_checkpoint(checkpoint)
-        optimization.exclude_from_weight_decay(model, model.optimizer)
+        with replication.scope():
+            model, state = load_checkpoint(checkpoint)
+        optimization.exclude_from_weight_decay(model, _base_optimizer(model.optimizer))
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
         if initial_step:
             progress = EpochProgress(initial_epoch, initial_step, state["epoch_loss"])
     else:
-        model = build_model(config, num_images=train_split.num_examples)
-        recipe = optimization.Recipe(
-            base_lr=config.base_lr, lr=config.lr, min_lr=config.min_lr,
-            weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-        )
-        warmup_epochs = config.epochs / 15 if config.warmup_epochs is None else config.warmup_epochs
-        optimizer = optimization.build_optimizer(
-            model, recipe, config.batch_size, total_steps, warmup_steps=int(round(warmup_epochs * steps))
-        )
-        model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+        with replication.scope():
+            model = _new_model(config, train_split.num_examples, steps, total_steps)
+    if replication.strategy is not None:
+        distribution.clip_after_all_reduce(model.optimizer)
 
     uses_importance = methods.get_method(config.method).importance
     run_info = {
@@ -279,15 +323,20 @@ def _run(config, resume):
         "train_images": train_split.num_examples,
         "class_names": train_split.class_names,
         "steps_per_epoch": steps,
-        "learning_rate": model.optimizer.learning_rate.__class__.__name__,
+        "learning_rate": _base_optimizer(model.optimizer).learning_rate.__class__.__name__,
         "encoder_parameters": int(model.encoder.count_params()),
+        "precision": model.dtype_policy.name,
+        "loss_scaling": isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
+        "jit_compile": bool(model.jit_compile),  # "auto" resolved by Keras
+        "distribution": replication.describe(),
     }
-    write_json_atomically(os.path.join(config.output, "config.json"), run_info)
-
+    chief = replication.is_chief  # only the first process writes files
+    if chief:
+        write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     history_path = os.path.join(config.output, "history.csv")
-    if resume:
+    if chief and resume:
         _truncate_history(history_path, initial_epoch)  # rows logged after the checkpoint are redone
-    elif os.path.isfile(history_path):
+    elif chief and os.path.isfile(history_path):
         os.remove(history_path)
     callbacks = [ResumedEpochLoss(progress, steps), EpochStats(config.batch_size)]
     refresh = None
@@ -301,12 +350,13 @@ def _run(config, resume):
             done_epoch=initial_epoch if initial_step else None,  # refreshed before the checkpoint
         )
         callbacks.append(refresh)  # after EpochStats: the refresh time counts in the epoch's time
-    callbacks += [
-        keras.callbacks.TerminateOnNaN(),
-        AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),
-        keras.callbacks.CSVLogger(history_path, append=True),
-    ]
-    if config.tensorboard:
+    callbacks.append(keras.callbacks.TerminateOnNaN())
+    if chief:
+        callbacks += [
+            AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),
+            keras.callbacks.CSVLogger(history_path, append=True),
+        ]
+    if config.tensorboard and chief:
         from keras_mfm.tensorboard import tensorboard_callbacks
 
         images, _ = next(iter(data.indexed_dataset(train_split, config.image_size, 4)))
@@ -340,8 +390,9 @@ def _run(config, resume):
         run_info["importance_refreshes"] = [{"epoch": e, "seconds": t} for e, t in refresh.history]
 
     encoder_path = os.path.join(config.output, ENCODER)
-    save_atomically(model.encoder, encoder_path)
-    rows = _read_history_rows(history_path)
+    if chief:
+        save_atomically(model.encoder, encoder_path)
+    rows = _read_history_rows(history_path) if os.path.isfile(history_path) else []
     run_info.update(
         {
             "pretrain_seconds": seconds,
@@ -357,7 +408,9 @@ def _run(config, resume):
             model.encoder, source, eval_protocols(config), config.batch_size, config.eval_train_images,
             config.eval_test_images, verbose=config.verbose,
         ))
-        write_json_atomically(os.path.join(config.output, "metrics.json"), run_info["evaluation"])
-    write_json_atomically(os.path.join(config.output, "config.json"), run_info)
+        if chief:
+            write_json_atomically(os.path.join(config.output, "metrics.json"), run_info["evaluation"])
+    if chief:
+        write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     return {"model": model, "encoder_path": encoder_path, "info": run_info}
 

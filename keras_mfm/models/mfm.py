@@ -16,6 +16,7 @@ encoder's output stride, so `pred` has the input's size. The loss is computed in
 import keras
 from keras import ops
 
+from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.frequency import frequency_loss
 from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.models.base import EncoderModel
@@ -146,7 +147,7 @@ class MFM(EncoderModel):
             )
         for extra in self.losses:
             loss = loss + ops.cast(extra, loss.dtype)
-        return loss
+        return scale_loss_for_replicas(loss)
 
     def get_config(self):
         config = super().get_config()

@@ -13,6 +13,7 @@ non-trainable `(num_images, N)` variable (saved in its checkpoints), which
 import keras
 from keras import ops
 
+from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.importance import IMPORTANCE_METHODS
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import EncoderModel
@@ -126,7 +127,9 @@ class TokenMaskingModel(EncoderModel):
         images, _ = self.split_inputs(x)
         prediction, masked = y_pred
         loss = self.reconstruction_loss(images, prediction, masked)
-        return loss + ops.cast(ops.sum(self.losses), "float32") if self.losses else loss
+        if self.losses:
+            loss = loss + ops.cast(ops.sum(self.losses), "float32")
+        return scale_loss_for_replicas(loss)
 
     def get_config(self):
         config = super().get_config()

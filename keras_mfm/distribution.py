@@ -1,0 +1,232 @@
+"""Data-parallel training on each backend's own engine (the backend-specific module of training).
+
+| backend | one host, several devices | several hosts |
+|---|---|---|
+| JAX | `keras.distribution.DataParallel` over the devices | `keras.distribution.initialize` (`jax.distributed.initialize`) first, then `DataParallel` over every host's devices |
+| TensorFlow | `tf.distribute.MirroredStrategy` | `tf.distribute.MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG` |
+| PyTorch | not supported: Keras' torch trainer runs `fit` on one device | not supported |
+
+Semantics are those of the authors' DistributedDataParallel: `--batch-size` is the **global** batch,
+split evenly over the replicas; the learning rate follows the global batch (`base_lr * batch / 512`);
+each replica's loss is the mean over its share, and the gradients are averaged. Under JAX's
+`DataParallel` the step is one program over the sharded global batch, so the loss *is* the global
+mean; under `tf.distribute` each replica's loss is divided by the number of replicas before the
+gradients are summed (`scale_loss_for_replicas`, called by every model's `compute_loss`).
+
+Virtual CPU devices (to run the above without accelerators, e.g. in tests): JAX reads
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` when it starts (`cpu_device_flags`); TensorFlow
+splits its CPU into logical devices before its first operation (`setup(..., cpu_devices=N)`).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+
+import keras
+
+KINDS = ("single", "data_parallel", "mirrored", "multi_worker")
+
+
+class DistributionError(ValueError):
+    """A distribution request this backend or machine cannot honour."""
+
+
+def cpu_device_flags(count, flags=None):
+    """`XLA_FLAGS` value that makes JAX expose `count` CPU devices (set before JAX starts)."""
+    kept = [f for f in (flags or "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={int(count)}"])
+
+
+@dataclasses.dataclass
+class Replication:
+    """How a run is replicated. `scope()` is where models and optimizers must be created."""
+
+    kind: str = "single"
+    num_replicas: int = 1
+    devices: tuple = ()
+    num_processes: int = 1
+    process_index: int = 0
+    strategy: object = None  # the tf.distribute strategy (TensorFlow)
+
+    @property
+    def is_chief(self):
+        """Only the first process writes checkpoints, logs and the encoder."""
+        return self.process_index == 0
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def describe(self):
+        return {"kind": self.kind, "num_replicas": self.num_replicas, "devices": list(self.devices),
+                "num_processes": self.num_processes, "process_index": self.process_index}
+
+    def check_batch_size(self, batch_size):
+        if batch_size % self.num_replicas:
+            raise DistributionError(
+                f"The global batch size {batch_size} does not split evenly over {self.num_replicas} replicas; "
+                f"use a multiple of {self.num_replicas}."
+            )
+
+
+def setup(distribute=False, devices=None, cpu_devices=None, coordinator_address=None, num_processes=None,
+          process_id=None):
+    """Sets up data-parallel training on the current backend and returns its `Replication`.
+
+    Args:
+        distribute: False -> `Replication()` (one device; the other arguments must be unset).
+        devices: use only the first `devices` devices (default: all accelerators, else all CPUs).
+        cpu_devices: TensorFlow: split the CPU into this many logical devices (before any TF op).
+            JAX: the count must already be set with `cpu_device_flags` before JAX started.
+        coordinator_address, num_processes, process_id: several hosts with JAX
+            (`keras.distribution.initialize`); TensorFlow reads its cluster from `TF_CONFIG`.
+    """
+    backend = keras.backend.backend()
+    multi_host = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    if not distribute:
+        if devices or cpu_devices or multi_host:
+            raise DistributionError("--devices, --cpu-devices and the multi-host flags need --distribute.")
+        return Replication()
+    if devices is not None and devices < 1:
+        raise DistributionError(f"--devices must be >= 1, got {devices}.")
+    if backend == "jax":
+        return _setup_jax(devices, cpu_devices, coordinator_address, num_processes, process_id)
+    if backend == "tensorflow":
+        if multi_host:
+            raise DistributionError(
+                "On TensorFlow, several hosts are described by the TF_CONFIG environment variable "
+                "(MultiWorkerMirroredStrategy), not by --coordinator-address/--num-processes/--process-id."
+            )
+        return _setup_tensorflow(devices, cpu_devices)
+    raise DistributionError(
+        f"--distribute is not supported on the {backend} backend: Keras' PyTorch trainer runs model.fit on "
+        "one device. Use --backend jax (DataParallel) or --backend tensorflow (MirroredStrategy)."
+    )
+
+
+def _setup_jax(devices, cpu_devices, coordinator_address, num_processes, process_id):
+    import jax
+
+    if coordinator_address is not None or num_processes is not None or process_id is not None:
+        if None in (coordinator_address, num_processes, process_id):
+            raise DistributionError(
+                "Several JAX hosts need all three of --coordinator-address, --num-processes and --process-id."
+            )
+        keras.distribution.initialize(coordinator_address, int(num_processes), int(process_id))
+    available = jax.devices()
+    if cpu_devices is not None and (available[0].platform != "cpu" or jax.local_device_count() != cpu_devices):
+        raise DistributionError(
+            f"JAX has {jax.local_device_count()} local {available[0].platform} device(s), not {cpu_devices} CPU "
+            f"devices: set XLA_FLAGS={cpu_device_flags(cpu_devices)} before JAX starts (train.py --cpu-devices "
+            "does this for you)."
+        )
+    if devices is not None:
+        if jax.process_count() > 1:
+            raise DistributionError("--devices selects devices on one host; with several hosts every device is used.")
+        if devices > len(available):
+            raise DistributionError(f"--devices {devices} asked, JAX has {len(available)}: {available}.")
+        available = available[:devices]
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=available))
+    return Replication("data_parallel", len(available), tuple(str(d) for d in available), jax.process_count(),
+                       jax.process_index())
+
+
+def _setup_tensorflow(devices, cpu_devices):
+    import tensorflow as tf
+
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    if cpu_devices is not None:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+        except RuntimeError as error:  # TensorFlow already started
+            if len(tf.config.list_logical_devices("CPU")) != cpu_devices:
+                raise DistributionError(
+                    f"TensorFlow already started with {len(tf.config.list_logical_devices('CPU'))} CPU device(s); "
+                    f"--cpu-devices {cpu_devices} must be applied before its first operation ({error})."
+                ) from error
+    if sum(len(tasks) for tasks in cluster.values()) > 1:
+        if devices is not None or cpu_devices is not None:
+            raise DistributionError("With TF_CONFIG (several workers) every local device is used; drop --devices.")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver
+        order = [(kind, i) for kind in ("chief", "worker") for i in range(len(cluster.get(kind, [])))]
+        workers, process_index = len(order), order.index((resolver.task_type, int(resolver.task_id)))
+        kind = "multi_worker"
+        names = (f"{workers} workers",)
+    else:
+        gpus = tf.config.list_logical_devices("GPU")
+        local = gpus or tf.config.list_logical_devices("CPU")
+        if devices is not None:
+            if devices > len(local):
+                raise DistributionError(
+                    f"--devices {devices} asked, TensorFlow has {len(local)}: {[d.name for d in local]}."
+                )
+            local = local[:devices]
+        names = tuple(d.name for d in local)
+        strategy = tf.distribute.MirroredStrategy(list(names))
+        kind, process_index, workers = "mirrored", 0, 1
+    return Replication(kind, strategy.num_replicas_in_sync, names, workers, process_index, strategy)
+
+
+def scale_loss_for_replicas(loss):
+    """`loss / replicas` inside a `tf.distribute` replica (whose gradients are then summed), else `loss`.
+
+    Keras' own `Loss` objects do this; the methods' `compute_loss` return their own loss, so they
+    call this instead. JAX's `DataParallel` computes the global mean directly and needs nothing.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return loss
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1 or tf.distribute.in_cross_replica_context():
+        return loss
+    return loss / keras.ops.cast(replicas, loss.dtype)
+
+
+def clip_after_all_reduce(optimizer):
+    """Makes a TensorFlow optimizer clip the *summed* gradient of its replicas, as one device would.
+
+    Keras 3's TensorFlow optimizer clips each replica's gradients (`global_clipnorm`) before it
+    all-reduces them, so under `MirroredStrategy` the applied gradient is a sum of separately
+    clipped parts, up to `replicas` times the clip norm (tests/distributed_check.py: without this
+    patch, two replicas' weights ended 0.005 away from one device's after two steps that moved
+    them 0.010; with it, 4e-7). This patches `optimizer` (or the optimizer inside a
+    `LossScaleOptimizer`) to all-reduce first, clip the sum, and skip the later all-reduce. The
+    patch lives on the instance only: checkpoints keep the plain optimizer. No-op elsewhere.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return optimizer
+    import tensorflow as tf
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    clip = inner._clip_gradients
+
+    def sum_then_clip(grads):
+        context = tf.distribute.get_replica_context()
+        if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, [g for g in grads if g is not None]))
+            grads = [None if g is None else next(summed) for g in grads]
+        return clip(grads)
+
+    inner._clip_gradients = sum_then_clip
+    inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # summed already
+    return optimizer
+
+
+def check_precision(precision):
+    """Refuses a dtype policy the current backend and device cannot train in, before any model exists.
+
+    XLA's CPU backend has no float16 x float16 -> float32 matmul (`dot_general` raises "precision
+    F16_F16_F32 is not supported ... on CPU"), which Keras' JAX backend asks for under
+    mixed_float16; JAX on GPUs, TensorFlow and PyTorch are fine, and mixed_bfloat16 works everywhere.
+    """
+    if precision == "mixed_float16" and keras.backend.backend() == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            raise DistributionError(
+                "--precision mixed_float16 is not supported by JAX on CPU (XLA's CPU matmul has no float16 "
+                "inputs with float32 accumulation); use mixed_bfloat16, or the tensorflow/torch backend."
+            )

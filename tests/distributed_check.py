@@ -1,0 +1,105 @@
+"""Run by tests/test_distribution.py in a fresh process (the device count is fixed when a backend
+starts): `python tests/distributed_check.py DEVICES` under KERAS_BACKEND=tensorflow|jax.
+
+Prints one JSON line comparing, on the same global batch and initial weights,
+- two training steps of MFM (the run's AdamW, schedule and a small clip norm, so that clipping acts)
+  on one device and data-parallel over DEVICES virtual CPU devices: losses and weights;
+- a FAMT model trained data-parallel for one epoch, whose `ImportanceRefresh` at epoch 1 scores the
+  whole (unevenly batched) image set: the table against a direct call of the scorer.
+"""
+
+import json
+import os
+import sys
+
+devices = int(sys.argv[1])
+if os.environ.get("KERAS_BACKEND") == "jax":
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_mfm import backbones, distribution, methods, optimization  # noqa: E402
+from keras_mfm.importance import ImportanceRefresh, ImportanceScorer  # noqa: E402
+from tests.conftest import smooth_images  # noqa: E402
+
+BATCH, SIZE, IMAGES = 8, 16, 12
+
+
+def mfm():
+    keras.utils.set_random_seed(0)
+    encoder = backbones.get_backbone("vit_tiny", SIZE, patch_size=4, depth=2, hidden_dim=32, num_heads=2)
+    # tf.distribute gives every replica the same random state, so it draws other masks than one
+    # device would: a deterministic corruption (always low-pass) makes the steps comparable there.
+    p_low = 1.0 if keras.backend.backend() == "tensorflow" else 0.5
+    model = methods.build_method("mfm", encoder, seed=0, p_low=p_low)
+    model.build((None, SIZE, SIZE, 3))
+    recipe = optimization.Recipe(lr=1e-2, clip_norm=0.05)
+    model.compile(optimizer=optimization.build_optimizer(model, recipe, BATCH, total_steps=4, warmup_steps=1))
+    return model
+
+
+def weights(model):
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def batches(x, size):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(x).batch(size)
+
+
+TENSORFLOW = keras.backend.backend() == "tensorflow"
+# TensorFlow's logical CPU devices must exist before its first operation; its strategy only applies
+# inside `scope()`. JAX's DataParallel applies to every model built after `setup`.
+replication = distribution.setup(True, cpu_devices=devices) if TENSORFLOW else None
+x = smooth_images(2 * BATCH, SIZE)
+single = mfm()
+start = weights(single)
+single_loss = single.fit(batches(x, BATCH), epochs=1, verbose=0).history["loss"][0]
+
+replication = replication or distribution.setup(True)
+with replication.scope():
+    parallel = mfm()
+    distribution.clip_after_all_reduce(parallel.optimizer)  # as training.pretrain does
+same_start = max(float(np.max(np.abs(a - b))) for a, b in zip(start, weights(parallel)))
+parallel_loss = parallel.fit(batches(x, BATCH), epochs=1, verbose=0).history["loss"][0]
+difference = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(single), weights(parallel)))
+moved = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(single), start))
+
+with replication.scope():
+    keras.utils.set_random_seed(0)
+    encoder = backbones.get_backbone("vit_tiny", SIZE, patch_size=4, depth=1, hidden_dim=32, num_heads=2,
+                                     position_embedding="sincos")
+    famt = methods.build_method("famt", encoder, seed=0, num_images=IMAGES, decoder_dim=16, decoder_depth=1,
+                                decoder_heads=2)
+    famt.build((None, SIZE, SIZE, 3))
+    famt.compile(optimizer=keras.optimizers.AdamW(1e-3))
+images = smooth_images(IMAGES, SIZE, seed=1)
+inputs = {"images": images, "index": np.arange(IMAGES), "box": np.tile([[0.0, 0.0, 1.0, 1.0]], (IMAGES, 1)),
+          "flip": np.zeros(IMAGES, "int32")}
+refresh = ImportanceRefresh(lambda: [(images[s:s + 5], np.arange(s, min(s + 5, IMAGES))) for s in range(0, IMAGES, 5)],
+                            warmup_epochs=1, interval=1)
+
+
+class ScoreDirectly(keras.callbacks.Callback):
+    """Right after the refresh: the table, and the scorer called on all images at once."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            self.table = keras.ops.convert_to_numpy(self.model.importance_table)
+            self.direct = keras.ops.convert_to_numpy(ImportanceScorer(self.model.encoder)(images))
+
+
+recorder = ScoreDirectly()
+history = famt.fit(batches(inputs, BATCH), epochs=2, callbacks=[refresh, recorder], verbose=0).history["loss"]
+table, direct = recorder.table, recorder.direct
+
+print(json.dumps({
+    "replicas": replication.num_replicas, "kind": replication.kind,
+    "same_start": same_start, "single_loss": single_loss, "parallel_loss": parallel_loss,
+    "weight_difference": difference, "weights_moved": moved,
+    "famt_losses": history, "refreshes": [e for e, _ in refresh.history],
+    "table_rows_scored": int(np.sum(np.any(table != 1.0, axis=1))), "table_rows": int(table.shape[0]),
+    "table_vs_direct": float(np.max(np.abs(table - direct))),
+}))
