@@ -78,12 +78,13 @@ import dataclasses
 import os
 import pickle
 import re
-import subprocess
 import sys
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
+
+from keras_mfm import cli
 
 BACKENDS = ("tensorflow", "jax", "torch")
 CONTAINER_KEYS = ("state_dict", "model", "module")
@@ -96,7 +97,6 @@ UNSUPPORTED_VIT = {
     "rel_pos_bias": "a shared relative position bias (BEiT)",
     "patch_embed.norm": "a LayerNorm after the patch embedding",
 }
-_CHILD_ENV = "KERAS_MFM_CONVERT_CHILD"
 _LINEAR, _CONV = "linear", "conv"  # (out, in) -> (in, out); OIHW -> HWIO
 
 
@@ -672,17 +672,8 @@ def convert_checkpoint(checkpoint, backbone="vit_base", image_size=224, patch_si
 
 
 # -- command line ---------------------------------------------------------------------------------
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _parser():
-    parser = _Parser(prog="convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(prog="convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pth, .pt, .bin)")
     parser.add_argument("--backbone", required=True,
                         help="preset: vit_tiny | vit_small | vit_base | resnet50_v1_5")
@@ -708,41 +699,20 @@ def _parser():
 
 
 def _error(message):
-    print(f"convert: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
-def _rerun(argv, backend):
-    """Keras was imported under another backend: run again in a fresh process with KERAS_BACKEND set."""
-    if os.environ.get(_CHILD_ENV):
-        return _error(f"cannot switch Keras to the {backend} backend in this process (KERAS_BACKEND ignored?).")
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, KERAS_BACKEND=backend, **{_CHILD_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "keras_mfm.convert", *argv]
-    if __name__ == "__main__":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, command, env)
-    return subprocess.run(command, env=env).returncode
+    return cli.error_line("convert", message)
 
 
 def main(argv=None):
     """`python -m keras_mfm.convert ...`; returns the exit code (0, or 2 after a one-line error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parser().parse_args(argv)
-    except _UsageError as error:
-        return _error(error)
-    if not args.output.endswith(".keras"):
-        return _error(f"--output must be a .keras file, got {args.output}.")
-    if args.backend:
-        os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args, exit_code = cli.parse_and_select_backend("keras_mfm.convert", _parser(), argv,
+                                                   replace_process=__name__ == "__main__")
+    if args is None:
+        return exit_code
     import keras
 
-    if args.backend and keras.backend.backend() != args.backend:
-        return _rerun(argv, args.backend)
+    if not args.output.endswith(".keras"):
+        return _error(f"--output must be a .keras file, got {args.output}.")
 
     names = ("depth", "hidden_dim", "num_heads", "mlp_ratio", "position_embedding", "layer_norm_epsilon")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}

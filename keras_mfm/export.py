@@ -62,13 +62,14 @@ import sys
 import tempfile
 import warnings
 
+from keras_mfm import cli
+
 FORMATS = ("saved_model", "onnx")
 BACKENDS = ("tensorflow", "jax", "torch")
 POOLINGS = ("cls", "mean")
 #: the backends that export each format in-process; from the others, the model is re-opened under TensorFlow
 NATIVE = {"saved_model": ("tensorflow", "jax"), "onnx": ("tensorflow", "torch")}
 INPUT_NAME = "images"
-_CHILD_ENV = "KERAS_MFM_EXPORT_CHILD"  # set in the processes this module starts (no re-run loops)
 _ENCODER_HINT = "export the encoder (runs/NAME/encoder.keras)"
 
 
@@ -225,18 +226,9 @@ def export_encoder(model_or_path, output, format="saved_model", pooling=None, wi
     return output
 
 
-def _child_env(backend):
-    """The environment of a `python -m keras_mfm.export` child under `backend` (finds this package)."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, KERAS_BACKEND=backend, **{_CHILD_ENV: "1"})
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _export_in_subprocess(path, output, format, pooling, with_classifier, backend):
     """`python -m keras_mfm.export path ... --backend backend` in a fresh process."""
-    env = _child_env(backend)
+    env = cli.child_env(backend)
     command = [sys.executable, "-m", "keras_mfm.export", path, "--format", format, "--output", output,
                "--backend", backend, "--pooling", pooling]
     if with_classifier:
@@ -334,17 +326,8 @@ def _name_onnx_outputs(path, names):
 
 
 # -- command line ---------------------------------------------------------------------------------
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _parser():
-    parser = _Parser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(prog="export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("encoder", metavar="ENCODER", help="encoder.keras (train.py) or a classifier .keras")
     parser.add_argument("--format", choices=FORMATS, default="saved_model", help="default: saved_model")
     parser.add_argument("--output", required=True, help="SavedModel directory or .onnx file to write")
@@ -357,38 +340,18 @@ def _parser():
 
 
 def _error(message):
-    print(f"export: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
-def _rerun(argv, backend):
-    """Keras was imported under another backend (`python -m` imports keras_mfm, hence Keras, before
-    `main` runs): run again in a fresh process with KERAS_BACKEND set."""
-    if os.environ.get(_CHILD_ENV):
-        return _error(f"cannot switch Keras to the {backend} backend in this process (KERAS_BACKEND ignored?).")
-    env = _child_env(backend)
-    command = [sys.executable, "-m", "keras_mfm.export", *argv]
-    if __name__ == "__main__":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, command, env)
-    return subprocess.run(command, env=env).returncode
+    return cli.error_line("export", message)
 
 
 def main(argv=None):
     """`python -m keras_mfm.export ...`; returns the exit code (0, or 2 after a one-line error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _parser().parse_args(argv)
-    except _UsageError as error:
-        return _error(error)
-    if args.backend:
-        os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args, exit_code = cli.parse_and_select_backend("keras_mfm.export", _parser(), argv,
+                                                   replace_process=__name__ == "__main__")
+    if args is None:
+        return exit_code
     import keras
 
-    if args.backend and keras.backend.backend() != args.backend:
-        return _rerun(argv, args.backend)
 
     from keras_mfm.checkpoints import TrainingError
 

@@ -1,0 +1,75 @@
+"""What the `python -m keras_mfm.<tool>` command lines share: one-line errors, and re-running the
+tool under another Keras backend (`python -m` imports keras_mfm, hence Keras, before `main` runs,
+so `--backend` can only take effect in a fresh process)."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+CHILD_ENV = "KERAS_MFM_CLI_CHILD"  # set in the processes started here (no re-run loops)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UsageError(Exception):
+    """A command-line usage error, printed as one line by the tool."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """`ArgumentParser` whose usage errors raise `UsageError` instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def error_line(program, message):
+    """Prints `PROGRAM: error: MESSAGE` on one line to stderr; returns the exit code 2."""
+    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def child_env(backend):
+    """The environment of a child keras_mfm process under `backend` (finds this package)."""
+    env = dict(os.environ, KERAS_BACKEND=backend, **{CHILD_ENV: "1"})
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def rerun_under_backend(module, argv, backend, replace_process):
+    """Runs `python -m module argv` again with KERAS_BACKEND=backend; returns its exit code.
+
+    `replace_process`: exec (the tool was started as `python -m`), else a child process (`main`
+    called from Python).
+    """
+    program = module.rsplit(".", 1)[-1]
+    if os.environ.get(CHILD_ENV):
+        return error_line(program, f"cannot switch Keras to the {backend} backend in this process "
+                                   "(KERAS_BACKEND ignored?).")
+    command = [sys.executable, "-m", module, *argv]
+    if replace_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, command, child_env(backend))
+    return subprocess.run(command, env=child_env(backend)).returncode
+
+
+def parse_and_select_backend(module, parser, argv, replace_process):
+    """Parses `argv` with `parser` (which has a `--backend` option) and puts Keras on that backend.
+
+    Returns `(args, None)` to go on, or `(None, exit_code)`: after a one-line usage error, or when
+    Keras was already loaded under another backend and the tool ran again under the asked one.
+    """
+    program = module.rsplit(".", 1)[-1]
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        return None, error_line(program, error)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    if args.backend and keras.backend.backend() != args.backend:
+        return None, rerun_under_backend(module, argv, args.backend, replace_process)
+    return args, None
