@@ -25,7 +25,7 @@ import os
 
 import keras
 
-KINDS = ("single", "data_parallel", "mirrored", "multi_worker")
+from keras_mfm.optimization import base_optimizer
 
 
 class DistributionError(ValueError):
@@ -200,7 +200,7 @@ def clip_after_all_reduce(optimizer):
         return optimizer
     import tensorflow as tf
 
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = base_optimizer(optimizer)
     clip = inner._clip_gradients
 
     def sum_then_clip(grads):

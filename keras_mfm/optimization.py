@@ -85,8 +85,14 @@ def build_optimizer(model, recipe, batch_size, total_steps, warmup_steps=None):
     return optimizer
 
 
+def base_optimizer(optimizer):
+    """The optimizer that applies the recipe: the AdamW inside a `LossScaleOptimizer` (which Keras
+    wraps around it under mixed_float16), else `optimizer` itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def exclude_from_weight_decay(model, optimizer):
     """Apply the no-decay rule of the recipe to `optimizer` (again after loading a checkpoint)."""
     if not model.built:
         raise ValueError("Build the model before creating its optimizer (its variables must exist).")
-    optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
+    base_optimizer(optimizer).exclude_from_weight_decay(var_list=no_weight_decay_variables(model))

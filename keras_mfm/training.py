@@ -265,11 +265,6 @@ def _run(config, resume):
         keras.distribution.set_distribution(previous_distribution)
 
 
-def _base_optimizer(optimizer):
-    """The AdamW inside a `LossScaleOptimizer` (mixed_float16), or `optimizer` itself."""
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
 def _new_model(config, num_images, steps, total_steps):
     """The compiled pre-training model of a new run (call inside the replication scope)."""
     distribution.check_precision(keras.config.dtype_policy().name)
@@ -305,7 +300,7 @@ def _train(config, resume, replication):
     if resume and os.path.isfile(checkpoint):
         with replication.scope():
             model, state = load_checkpoint(checkpoint)
-        optimization.exclude_from_weight_decay(model, _base_optimizer(model.optimizer))
+        optimization.exclude_from_weight_decay(model, model.optimizer)
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
         if initial_step:
             progress = EpochProgress(initial_epoch, initial_step, state["epoch_loss"])
@@ -323,7 +318,7 @@ def _train(config, resume, replication):
         "train_images": train_split.num_examples,
         "class_names": train_split.class_names,
         "steps_per_epoch": steps,
-        "learning_rate": _base_optimizer(model.optimizer).learning_rate.__class__.__name__,
+        "learning_rate": optimization.base_optimizer(model.optimizer).learning_rate.__class__.__name__,
         "encoder_parameters": int(model.encoder.count_params()),
         "precision": model.dtype_policy.name,
         "loss_scaling": isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
@@ -334,10 +329,11 @@ def _train(config, resume, replication):
     if chief:
         write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     history_path = os.path.join(config.output, "history.csv")
-    if chief and resume:
-        _truncate_history(history_path, initial_epoch)  # rows logged after the checkpoint are redone
-    elif chief and os.path.isfile(history_path):
-        os.remove(history_path)
+    if chief:
+        if resume:
+            _truncate_history(history_path, initial_epoch)  # rows logged after the checkpoint are redone
+        elif os.path.isfile(history_path):
+            os.remove(history_path)
     callbacks = [ResumedEpochLoss(progress, steps), EpochStats(config.batch_size)]
     refresh = None
     if uses_importance:
