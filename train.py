@@ -8,7 +8,6 @@ Writes OUTPUT/encoder.keras, OUTPUT/config.json, OUTPUT/history.csv and a checkp
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -169,24 +168,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _saved_setting(output, name):
-    """A setting of the run in `output` (its config.json), read before Keras loads; None if absent."""
-    try:
-        with open(os.path.join(output, "config.json")) as handle:
-            return json.load(handle)["config"].get(name)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cpu_devices = args.cpu_devices or (_saved_setting(args.output, "cpu_devices") if args.resume else None)
-    if cpu_devices and os.environ.get("KERAS_BACKEND") == "jax":  # JAX reads it once, when it starts
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={cpu_devices}"])
 
     from keras_mfm import data, distribution, training  # Keras loads here, after KERAS_BACKEND is set
 

@@ -13,9 +13,9 @@ each replica's loss is the mean over its share, and the gradients are averaged. 
 mean; under `tf.distribute` each replica's loss is divided by the number of replicas before the
 gradients are summed (`scale_loss_for_replicas`, called by every model's `compute_loss`).
 
-Virtual CPU devices (to run the above without accelerators, e.g. in tests): JAX reads
-`XLA_FLAGS=--xla_force_host_platform_device_count=N` when it starts (`cpu_device_flags`); TensorFlow
-splits its CPU into logical devices before its first operation (`setup(..., cpu_devices=N)`).
+Virtual CPU devices (to run the above without accelerators, e.g. in tests): `setup(..., cpu_devices=N)`
+sets JAX's `XLA_FLAGS=--xla_force_host_platform_device_count=N` (`cpu_device_flags`), or splits
+TensorFlow's CPU into logical devices; both must happen before the backend's first computation.
 """
 
 import contextlib
@@ -76,8 +76,9 @@ def setup(distribute=False, devices=None, cpu_devices=None, coordinator_address=
     Args:
         distribute: False -> `Replication()` (one device; the other arguments must be unset).
         devices: use only the first `devices` devices (default: all accelerators, else all CPUs).
-        cpu_devices: TensorFlow: split the CPU into this many logical devices (before any TF op).
-            JAX: the count must already be set with `cpu_device_flags` before JAX started.
+        cpu_devices: split the CPU into this many virtual devices, before the backend's first
+            computation (importing Keras runs none): TensorFlow logical devices, JAX's
+            `--xla_force_host_platform_device_count` in `XLA_FLAGS` (`cpu_device_flags`).
         coordinator_address, num_processes, process_id: several hosts with JAX
             (`keras.distribution.initialize`); TensorFlow reads its cluster from `TF_CONFIG`.
     """
@@ -113,12 +114,14 @@ def _setup_jax(devices, cpu_devices, coordinator_address, num_processes, process
                 "Several JAX hosts need all three of --coordinator-address, --num-processes and --process-id."
             )
         keras.distribution.initialize(coordinator_address, int(num_processes), int(process_id))
+    if cpu_devices is not None:  # read when JAX starts its backend, on its first computation
+        os.environ["XLA_FLAGS"] = cpu_device_flags(cpu_devices, os.environ.get("XLA_FLAGS"))
     available = jax.devices()
     if cpu_devices is not None and (available[0].platform != "cpu" or jax.local_device_count() != cpu_devices):
         raise DistributionError(
             f"JAX has {jax.local_device_count()} local {available[0].platform} device(s), not {cpu_devices} CPU "
-            f"devices: set XLA_FLAGS={cpu_device_flags(cpu_devices)} before JAX starts (train.py --cpu-devices "
-            "does this for you)."
+            f"devices: it started before --cpu-devices could apply; set XLA_FLAGS={cpu_device_flags(cpu_devices)} "
+            "before the first JAX computation."
         )
     if devices is not None:
         if jax.process_count() > 1:
