@@ -59,6 +59,8 @@ def build(method, args, num_images):
 def step_time(method, args):
     import numpy as np
 
+    from keras_mfm.models.token_masking import whole_image_inputs
+
     batch = args.batch_size
     model = build(method, args, num_images=batch)
     rng = np.random.default_rng(0)
@@ -66,8 +68,7 @@ def step_time(method, args):
     inputs = images
     if method != "mae":
         model.set_importance(rng.random((batch, model.encoder.num_patches)).astype("float32") + 0.01)
-        inputs = {"images": images, "index": np.arange(batch), "box": np.tile([[0.0, 0.0, 1.0, 1.0]], (batch, 1)),
-                  "flip": np.zeros(batch, bool)}
+        inputs = whole_image_inputs(images)
     import tensorflow as tf
 
     def repeat(n):

@@ -202,6 +202,7 @@ def keras_model(name, args):
     import numpy as np
 
     from keras_mfm import backbones, methods, optimization
+    from keras_mfm.models.token_masking import whole_image_inputs
 
     spec = CONFIGS[name]
     keras.utils.set_random_seed(0)
@@ -224,8 +225,7 @@ def keras_model(name, args):
     model.build()
     if spec["method"] == "famt":
         model.set_importance(rng.random((batch, encoder.num_patches)).astype("float32") + 0.01)
-        inputs = {"images": images, "index": np.arange(batch), "box": np.tile([[0.0, 0.0, 1.0, 1.0]], (batch, 1)),
-                  "flip": np.zeros(batch, bool)}
+        inputs = whole_image_inputs(images)
     optimizer = optimization.build_optimizer(model, optimization.Recipe(), batch, total_steps=10_000)
     variant = args.worker.split("@")[0].split("+")[0]
     jit = {"torch-compile": True}.get(variant, False if variant.endswith("-nojit") else "auto")

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from keras_mfm import backbones, distribution, methods, optimization  # noqa: E402
 from keras_mfm.importance import ImportanceRefresh, ImportanceScorer  # noqa: E402
+from keras_mfm.models.token_masking import whole_image_inputs  # noqa: E402
 from tests.conftest import smooth_images  # noqa: E402
 
 BATCH, SIZE, IMAGES = 8, 16, 12
@@ -76,8 +77,7 @@ with replication.scope():
     famt.build((None, SIZE, SIZE, 3))
     famt.compile(optimizer=keras.optimizers.AdamW(1e-3))
 images = smooth_images(IMAGES, SIZE, seed=1)
-inputs = {"images": images, "index": np.arange(IMAGES), "box": np.tile([[0.0, 0.0, 1.0, 1.0]], (IMAGES, 1)),
-          "flip": np.zeros(IMAGES, "int32")}
+inputs = whole_image_inputs(images)
 refresh = ImportanceRefresh(lambda: [(images[s:s + 5], np.arange(s, min(s + 5, IMAGES))) for s in range(0, IMAGES, 5)],
                             warmup_epochs=1, interval=1)
 

@@ -9,6 +9,7 @@ import pytest
 from keras_mfm import data, masking, methods
 from keras_mfm.importance import ImportanceRefresh, ImportanceScorer, score_images
 from keras_mfm.models.mae import MAE
+from keras_mfm.models.token_masking import whole_image_inputs
 from tests.conftest import smooth_images, to_numpy
 from tests.test_mae import tiny_encoder
 
@@ -141,3 +142,13 @@ def test_bad_configurations():
         famt_model().set_importance(np.full((32, 16), np.nan, "float32"))
     with pytest.raises(ValueError, match=">= 0"):
         famt_model().set_importance(-np.ones((32, 16), "float32"))
+
+
+def test_whole_image_inputs_use_the_stored_maps_unchanged():
+    model = famt_model(num_images=8)
+    table = np.random.default_rng(1).random((8, model.encoder.num_patches)).astype("float32") + 0.01
+    model.set_importance(table)
+    inputs = whole_image_inputs(smooth_images(3, 16), index=[5, 0, 7])
+    assert inputs["box"].shape == (3, 4) and inputs["flip"].tolist() == [0, 0, 0]
+    maps = model.augmented_importance(inputs["index"], inputs["box"], inputs["flip"])
+    np.testing.assert_allclose(to_numpy(maps), table[[5, 0, 7]], atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 
 from keras_mfm import training
 from keras_mfm.importance import ImportanceScorer
+from keras_mfm.models.token_masking import whole_image_inputs
 from tests.conftest import BACKEND, smooth_images, to_numpy
 from tests.test_data import write_folder
 
@@ -63,8 +64,7 @@ def step(method, policy_name, images):
     model = training._new_model(config(method, precision=policy_name), num_images=len(images), steps=2,
                                 total_steps=2)
     if method == "famt":
-        images = {"images": images, "index": np.arange(len(images)), "box": np.tile([[0.0, 0.0, 1.0, 1.0]],
-                  (len(images), 1)), "flip": np.zeros(len(images), "int32")}
+        images = whole_image_inputs(images)
     history = model.fit(images, batch_size=4, epochs=1, verbose=0, shuffle=False)
     return model, history.history["loss"]
 
@@ -87,8 +87,7 @@ def test_mixed_precision_step_is_finite_and_keeps_ffts_and_loss_in_float32(metho
     if method in ("mfm", "sr"):
         assert fft_dtypes and set(fft_dtypes) == {"float32"}, fft_dtypes
     x = smooth_images(4, 16)
-    inputs = x if method != "famt" else {"images": x, "index": np.arange(4), "box": np.tile([[0.0, 0.0, 1.0, 1.0]],
-                                                                                       (4, 1)), "flip": np.zeros(4)}
+    inputs = whole_image_inputs(x) if method == "famt" else x
     loss = model.compute_loss(x=inputs, y_pred=model(inputs, training=True))
     assert keras.backend.standardize_dtype(loss.dtype) == "float32"
 

@@ -11,12 +11,26 @@ non-trainable `(num_images, N)` variable (saved in its checkpoints), which
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.importance import IMPORTANCE_METHODS
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import EncoderModel
+
+
+def whole_image_inputs(images, index=None):
+    """AMT/FAMT inputs for images used as they are (no crop, no flip): `{"images", "index" (B,)
+    (default 0..B-1), "box" (B, 4) = (0, 0, 1, 1), "flip" (B,) int32 0}`, the layout of
+    `data.pretraining_dataset(with_geometry=True)`; each image's stored map is then used unchanged."""
+    count = len(images)
+    return {
+        "images": images,
+        "index": np.arange(count) if index is None else np.asarray(index),
+        "box": np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], "float32"), (count, 1)),
+        "flip": np.zeros(count, "int32"),
+    }
 
 
 class TokenMaskingModel(EncoderModel):
