@@ -3,7 +3,8 @@
 AdamW (0.9, 0.95), learning rate `base_lr * batch / 512`, weight decay 0.05 on weights only (none
 on biases, normalisation parameters, position embedding and [CLS]), per-step linear warm-up then
 cosine decay to `min_lr`, global gradient-norm clipping at 3.0. Built from Keras core
-(`keras.optimizers.AdamW`, `keras.optimizers.schedules.CosineDecay`).
+(`keras.optimizers.AdamW`, `keras.optimizers.schedules.CosineDecay`); `AdamW` here is Keras' with
+the PyTorch backend's step done by PyTorch's fused kernel (same update).
 """
 
 import dataclasses
@@ -67,6 +68,55 @@ class Recipe:
         return scaled_learning_rate(self.base_lr, batch_size, self.reference_batch_size)
 
 
+@keras.saving.register_keras_serializable(package="keras_mfm")
+class AdamW(keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW`, same arguments and update; on the PyTorch backend the step (global
+    gradient-norm clipping, decoupled weight decay, Adam) runs as `torch._foreach_norm` +
+    `torch._fused_adamw_` (`keras_mfm.fused_adamw_torch`) instead of Keras' ~ten `_foreach` passes:
+    ~5 ms instead of ~70 ms per step for a 7M-parameter ViT on a CPU.
+
+    The fused path is taken when it applies exactly: PyTorch backend with the fused kernel, no
+    `clipnorm`/`clipvalue` (only `global_clipnorm`), no `amsgrad`, EMA or gradient accumulation.
+    Otherwise, and on TensorFlow and JAX, this is Keras' AdamW unchanged.
+    """
+
+    def _fused_path(self):
+        if keras.backend.backend() != "torch" or self.amsgrad or self.use_ema:
+            return False
+        if self.gradient_accumulation_steps or self.clipnorm or self.clipvalue:
+            return False
+        from keras_mfm import fused_adamw_torch
+
+        return fused_adamw_torch.available()
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not self._fused_path():
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        from keras_mfm import fused_adamw_torch
+
+        grads = [g.detach() for g in grads]
+        if self.global_clipnorm:
+            fused_adamw_torch.clip_by_global_norm(grads, float(self.global_clipnorm))
+        groups = {}
+        for variable, grad in zip(trainable_variables, grads):
+            index = self._get_variable_index(variable)
+            value = variable.value
+            decay = self.weight_decay if self.weight_decay and self._use_weight_decay(variable) else 0.0
+            group = groups.setdefault((value.dtype, value.device, decay), ([], [], [], [], decay))
+            group[0].append(value)
+            group[1].append(grad.to(value.dtype))
+            group[2].append(self._momentums[index].value)
+            group[3].append(self._velocities[index].value)
+        fused_adamw_torch.adamw_step(
+            list(groups.values()),
+            step=int(self.iterations.value) + 1,
+            lr=self.learning_rate,
+            beta_1=float(self.beta_1),
+            beta_2=float(self.beta_2),
+            epsilon=float(self.epsilon),
+        )
+
+
 def build_optimizer(model, recipe, batch_size, total_steps, warmup_steps=None):
     """AdamW of `recipe` with its schedule; `model` must be built (its variables exist)."""
     if warmup_steps is None:
@@ -74,7 +124,7 @@ def build_optimizer(model, recipe, batch_size, total_steps, warmup_steps=None):
     schedule = warmup_cosine_schedule(
         recipe.learning_rate(batch_size), total_steps, warmup_steps, recipe.min_lr
     )
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=schedule,
         weight_decay=recipe.weight_decay,
         beta_1=recipe.beta_1,
