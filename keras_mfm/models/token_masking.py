@@ -138,7 +138,7 @@ class TokenMaskingModel(EncoderModel):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """`reconstruction_loss` of the call's `(prediction, masked)` (+ any layer losses); all three
         `model.fit` trainers call it."""
-        images, _ = self.split_inputs(x)
+        images = x["images"] if isinstance(x, dict) else x  # not split_inputs: no second importance map
         prediction, masked = y_pred
         loss = self.reconstruction_loss(images, prediction, masked)
         if self.losses:
