@@ -7,7 +7,7 @@ import pytest
 from keras_mfm import backbones
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import MultiHeadSelfAttention
-from tests.conftest import to_numpy
+from tests.conftest import BACKEND, to_numpy
 
 
 def small_vit(**kwargs):
@@ -181,3 +181,33 @@ def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
     assert backbones.ResNetBackbone(image_size=32).variant == "v1"  # the default is unchanged
     with pytest.raises(ValueError, match="Unknown ResNet variant"):
         backbones.ResNetBackbone(image_size=32, variant="v2")
+
+
+@pytest.mark.parametrize("variant", ["v1", "v1.5"])
+def test_resnet_layouts_share_weights_and_outputs(variant):
+    """The channels-first network (PyTorch's default) and the channels-last one take the same
+    weights and give the same channels-last features; `data_format=None` resolves per backend."""
+    default = backbones.ResNetBackbone(image_size=32, variant=variant)
+    assert default.get_config()["data_format"] is None
+    assert default.channels_first == (BACKEND == "torch")
+    last = backbones.ResNetBackbone(image_size=32, variant=variant, data_format="channels_last")
+    first = backbones.ResNetBackbone(image_size=32, variant=variant, data_format="channels_first")
+    assert keras.config.image_data_format() == "channels_last"  # the global setting is restored
+    rng = np.random.default_rng(0)
+    # random weights, positive variances: every BatchNorm statistic and scale differs per channel
+    weights = [(np.abs(w) + 0.5 if "variance" in v.path else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
+               .astype("float32") for v, w in zip(last.weights, last.get_weights())]
+    last.set_weights(weights)
+    first.set_weights(weights)
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU convolutions are channels-last only")
+    x = images(2, 32)
+    reference = to_numpy(last(x, training=False))
+    assert reference.shape == (2, 1, 1, 2048)
+    np.testing.assert_allclose(to_numpy(first(x, training=False)), reference, atol=1e-4, rtol=1e-4)
+    # training mode: batch statistics over (B, H, W) of each channel, in either layout
+    x = images(8, 32)
+    trained_last, trained_first = to_numpy(last(x, training=True)), to_numpy(first(x, training=True))
+    np.testing.assert_allclose(trained_first, trained_last, atol=1e-3 * np.abs(trained_last).max())
+    with pytest.raises(ValueError, match="Unknown data_format"):
+        backbones.ResNetBackbone(image_size=32, data_format="NCHW")
