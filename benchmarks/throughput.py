@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of keras_mfm on each Keras backend against a plain-PyTorch reference.
 
-    python benchmarks/throughput.py                       # every configuration, every backend (~10 min here)
+    python benchmarks/throughput.py                       # every configuration, every backend (~8 min here)
     python benchmarks/throughput.py --quick               # smoke run: depth 2, batch 16, one timed step
     python benchmarks/throughput.py --configs mfm_vit --backends torch,jax --batch-size 64 --repeats 5
     python benchmarks/throughput.py --configs mfm_vit --backends tensorflow,tensorflow-nojit,jax,jax-nojit
@@ -19,8 +19,8 @@ What is timed: one training step = forward, loss, backward, AdamW update (the li
 weight decay 0.05 except biases/norms/position embedding/[CLS]/mask token, global gradient clipping at 3.0).
 Keras: `model.train_on_batch` on one fixed in-memory batch: the compiled train step `model.fit` runs in
 `train.py` (minus the augmentation, timed on its own), synchronised by its returned loss; `--fit` times
-`model.fit` on a `tf.data` repeat of the batch instead. `jit_compile="auto"` (XLA on TensorFlow and JAX, eager
-on PyTorch; `-nojit` variants turn XLA off), after warm-up steps (compilation excluded); one repeat =
+`model.fit` on a `tf.data` repeat of the batch instead. `jit_compile="auto"` (XLA on JAX; on TensorFlow only
+with a GPU/TPU, so a TF graph on this CPU; eager on PyTorch; `-nojit` variants turn XLA off), after warm-up steps (compilation excluded); one repeat =
 `--steps` steps, the median over `--repeats` repeats is reported. Every implementation runs in its own
 subprocess (`KERAS_BACKEND` set before Keras is imported); the repeats are interleaved (Keras backends and the
 reference take turns), so that a machine shared with other jobs slows them alike.
