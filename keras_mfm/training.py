@@ -214,6 +214,14 @@ def _read_history_rows(path):
         return list(csv.DictReader(handle))
 
 
+def _learning_rate_record(optimizer):
+    """The learning rate as configured, for config.json: the schedule's serialised config (class
+    and arguments: peak, warm-up, decay steps) or the constant (`optimizer.learning_rate` is only
+    the current value)."""
+    value = optimization.base_optimizer(optimizer).get_config()["learning_rate"]
+    return value if isinstance(value, (dict, int, float)) else float(keras.ops.convert_to_numpy(value))
+
+
 def _truncate_history(path, epochs):
     """Keep the first `epochs` rows of history.csv (a crashed run may have logged a later one)."""
     if not os.path.isfile(path):
@@ -318,7 +326,7 @@ def _train(config, resume, replication):
         "train_images": train_split.num_examples,
         "class_names": train_split.class_names,
         "steps_per_epoch": steps,
-        "learning_rate": optimization.base_optimizer(model.optimizer).learning_rate.__class__.__name__,
+        "learning_rate": _learning_rate_record(model.optimizer),
         "encoder_parameters": int(model.encoder.count_params()),
         "precision": model.dtype_policy.name,
         "loss_scaling": isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),

@@ -31,6 +31,10 @@ def test_train_writes_encoder_config_history_and_resumes(tmp_path):
         assert os.path.isfile(os.path.join(output, name)), name
     info = json.load(open(os.path.join(output, "config.json")))
     assert info["backend"] == BACKEND and info["steps_per_epoch"] == 2 and info["train_images"] == 16
+    schedule = info["learning_rate"]  # the warm-up + cosine schedule, not its value at one step
+    assert schedule["class_name"] == "CosineDecay" and schedule["config"]["decay_steps"] >= 1
+    peak = schedule["config"]["warmup_target"] or schedule["config"]["initial_learning_rate"]
+    assert peak > 0
     history = read_history(output)
     assert [row["epoch"] for row in history] == ["0", "1"]
     assert all(np.isfinite(float(row["loss"])) for row in history)
