@@ -352,7 +352,6 @@ def main(argv=None):
         return exit_code
     import keras
 
-
     from keras_mfm.checkpoints import TrainingError
 
     try:
