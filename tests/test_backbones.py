@@ -185,11 +185,11 @@ def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("variant", ["v1", "v1.5"])
 def test_resnet_layouts_share_weights_and_outputs(variant):
-    """The channels-first network (PyTorch's default) and the channels-last one take the same
-    weights and give the same channels-last features; `data_format=None` resolves per backend."""
+    """The channels-first network and the channels-last one (the default) take the same weights
+    and give the same channels-last features."""
     default = backbones.ResNetBackbone(image_size=32, variant=variant)
     assert default.get_config()["data_format"] is None
-    assert default.channels_first == (BACKEND == "torch")
+    assert not default.channels_first
     last = backbones.ResNetBackbone(image_size=32, variant=variant, data_format="channels_last")
     first = backbones.ResNetBackbone(image_size=32, variant=variant, data_format="channels_first")
     assert keras.config.image_data_format() == "channels_last"  # the global setting is restored
@@ -211,3 +211,34 @@ def test_resnet_layouts_share_weights_and_outputs(variant):
     np.testing.assert_allclose(trained_first, trained_last, atol=1e-3 * np.abs(trained_last).max())
     with pytest.raises(ValueError, match="Unknown data_format"):
         backbones.ResNetBackbone(image_size=32, data_format="NCHW")
+
+
+def test_resnet50_v1_is_keras_application_on_fused_layers():
+    """`variant="v1"` is `keras.applications.ResNet50` with keras_mfm's Conv2D/BatchNormalization
+    swapped in: same layer names, weights and (inference and training) outputs; on PyTorch this
+    holds the fused kernels to Keras' own layers over the whole network."""
+    from keras_mfm.layers import fused
+
+    ours = backbones.ResNetBackbone(image_size=64)
+    app = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
+    assert [layer.name for layer in ours.resnet.layers[1:]] == [layer.name for layer in app.layers[1:]]
+    kinds = {type(layer) for layer in ours.resnet.layers}
+    assert fused.Conv2D in kinds and fused.BatchNormalization in kinds
+    assert keras.layers.Conv2D not in kinds and keras.layers.BatchNormalization not in kinds
+    rng = np.random.default_rng(1)
+    weights = [(np.abs(w) + 0.5 if "variance" in v.path else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
+               .astype("float32") for v, w in zip(app.weights, app.get_weights())]
+    app.set_weights(weights)
+    ours.resnet.set_weights(weights)
+    x = images(4, 64)
+    normalized = to_numpy(ours.normalize(x))
+    # tolerances: float32 rounding through 53 layers; in training mode batch statistics over few
+    # values (B x 2 x 2 at conv5) amplify it: both are ~1e-3 (of features up to ~7.5) from a
+    # float64 run of Keras' network on this input
+    for training, tolerance in ((False, 1e-5), (True, 5e-4)):
+        want = to_numpy(app(normalized, training=training))
+        got = to_numpy(ours(x, training=training))
+        np.testing.assert_allclose(got, want, atol=tolerance * np.abs(want).max(), rtol=0)
+    # the training call moved the moving statistics of both alike
+    for a, b in zip(app.non_trainable_weights, ours.resnet.non_trainable_weights):
+        np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=1e-4, atol=1e-5)
