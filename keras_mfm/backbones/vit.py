@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from keras_mfm.layers.fused import Conv2D
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock
 
@@ -83,7 +84,7 @@ class ViTBackbone(Backbone):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
 
         policy = self.dtype_policy
-        self.patch_embedding = keras.layers.Conv2D(
+        self.patch_embedding = Conv2D(
             self.hidden_dim,
             patch_size,
             strides=patch_size,

@@ -3,6 +3,23 @@
 import keras
 from keras import ops
 
+from keras_mfm.layers.fused import Dense
+
+
+def _sublayer(parent, layer, *args, **kwargs):
+    """`layer(*args, **kwargs)` for a built sublayer, called from inside `parent.call`.
+
+    When the sublayer has its parent's dtype policy, this runs `layer.call` directly: the parent's
+    `__call__` has already converted and cast the inputs and opened the autocast scope, and the
+    rest of a Keras layer call (input checks, name scope, call context, argument binding) costs
+    ~0.17 ms of Python per call on the eager PyTorch backend, against ~0.06 ms for a `Dense.call`;
+    a block makes seven such calls. Otherwise (unbuilt, another policy, quantised) it is
+    `layer(...)`.
+    """
+    if layer.built and layer.dtype_policy.name == parent.dtype_policy.name:
+        return layer.call(*args, **kwargs)
+    return layer(*args, **kwargs)
+
 
 def _fused_attention_pays(x):
     """False on the PyTorch backend with `x` on a CPU, where the explicit attention is faster."""
@@ -35,11 +52,11 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.qkv_bias = qkv_bias
         self.head_dim = hidden_dim // num_heads
         init = keras.initializers.GlorotUniform()
-        self.qkv = keras.layers.Dense(
+        self.qkv = Dense(
             3 * hidden_dim, use_bias=qkv_bias, kernel_initializer=init, dtype=self.dtype_policy,
             name="qkv",
         )
-        self.proj = keras.layers.Dense(
+        self.proj = Dense(
             hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="proj"
         )
 
@@ -50,7 +67,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def call(self, x, return_attention=False):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(_sublayer(self, self.qkv, x), (batch, length, 3, self.num_heads, self.head_dim))
         # One transpose to (3, B, heads, T, d_head), then `unstack`: q, k and v come out
         # contiguous in the (B, heads, T, d_head) layout attention kernels work in, and the
         # backward pass is one stack (indexing `qkv[:, :, i]` costs a zero-filled copy of the
@@ -69,7 +86,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             # backend transposes back without a copy.
             q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
             out = ops.dot_product_attention(q, k, v)
-        out = self.proj(ops.reshape(out, (batch, length, self.hidden_dim)))
+        out = _sublayer(self, self.proj, ops.reshape(out, (batch, length, self.hidden_dim)))
         if return_attention:
             return out, attention
         return out
@@ -119,10 +136,10 @@ class TransformerBlock(keras.layers.Layer):
         self.norm2 = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
         )
-        self.fc1 = keras.layers.Dense(
+        self.fc1 = Dense(
             int(hidden_dim * mlp_ratio), kernel_initializer=init, dtype=policy, name="fc1"
         )
-        self.fc2 = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=policy, name="fc2")
+        self.fc2 = Dense(hidden_dim, kernel_initializer=init, dtype=policy, name="fc2")
         self.drop_path = keras.layers.Dropout(
             drop_path_rate, noise_shape=(None, 1, 1), dtype=policy, name="drop_path"
         )
@@ -136,11 +153,14 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x, return_attention=False, training=None):
-        attended = self.attention(self.norm1(x), return_attention=return_attention)
+        attended = _sublayer(
+            self, self.attention, _sublayer(self, self.norm1, x), return_attention=return_attention
+        )
         if return_attention:
             attended, attention = attended
         x = x + self._drop_path(attended, training)
-        hidden = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
+        hidden = _sublayer(self, self.fc1, _sublayer(self, self.norm2, x))
+        hidden = _sublayer(self, self.fc2, keras.activations.gelu(hidden, approximate=False))
         x = x + self._drop_path(hidden, training)
         if return_attention:
             return x, attention

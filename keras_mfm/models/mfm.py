@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.frequency import frequency_loss
+from keras_mfm.layers.fused import Conv2D
 from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.models.base import EncoderModel
 
@@ -37,7 +38,7 @@ class PixelShuffleHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.stride = int(stride)
         self.channels = int(channels)
-        self.conv = keras.layers.Conv2D(
+        self.conv = Conv2D(
             self.stride**2 * self.channels, 1, dtype=self.dtype_policy, name="conv"
         )
 

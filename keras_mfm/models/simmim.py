@@ -23,6 +23,7 @@ import math
 import keras
 from keras import ops
 
+from keras_mfm.layers.fused import Dense
 from keras_mfm.masking import MASKED
 from keras_mfm.models.mae import patchify
 from keras_mfm.models.token_masking import TokenMaskingModel
@@ -86,7 +87,7 @@ class SimMIM(TokenMaskingModel):
         self.masked_units = int(math.ceil(units * self.mask_ratio))  # SimMIM rounds up
         if not importance and self.masked_units >= units:
             raise ValueError(f"mask_ratio={mask_ratio} masks all {units} mask units; nothing stays visible.")
-        self.head = keras.layers.Dense(3 * patch * patch, dtype=self.dtype_policy, name="head")
+        self.head = Dense(3 * patch * patch, dtype=self.dtype_policy, name="head")
 
     def build(self, input_shape=None):
         if self.built:
