@@ -89,6 +89,20 @@ class AdamW(keras.optimizers.AdamW):
 
         return fused_adamw_torch.available()
 
+    def _update_plan(self, trainable_variables):
+        """Per variable: (index of its slots, its weight decay). The same variables come every
+        step, so this is worked out once (Keras matches the exclusion names for every variable
+        on every step otherwise)."""
+        key = (tuple(id(v) for v in trainable_variables), float(self.weight_decay or 0.0))
+        if getattr(self, "_plan_key", None) != key:
+            self._plan = [
+                (self._get_variable_index(v),
+                 self.weight_decay if self.weight_decay and self._use_weight_decay(v) else 0.0)
+                for v in trainable_variables
+            ]
+            self._plan_key = key
+        return self._plan
+
     def _backend_apply_gradients(self, grads, trainable_variables):
         if not self._fused_path():
             return super()._backend_apply_gradients(grads, trainable_variables)
@@ -98,10 +112,8 @@ class AdamW(keras.optimizers.AdamW):
         if self.global_clipnorm:
             fused_adamw_torch.clip_by_global_norm(grads, float(self.global_clipnorm))
         groups = {}
-        for variable, grad in zip(trainable_variables, grads):
-            index = self._get_variable_index(variable)
+        for variable, grad, (index, decay) in zip(trainable_variables, grads, self._update_plan(trainable_variables)):
             value = variable.value
-            decay = self.weight_decay if self.weight_decay and self._use_weight_decay(variable) else 0.0
             group = groups.setdefault((value.dtype, value.device, decay), ([], [], [], [], decay))
             group[0].append(value)
             group[1].append(grad.to(value.dtype))
