@@ -242,3 +242,35 @@ def test_resnet50_v1_is_keras_application_on_fused_layers():
     # the training call moved the moving statistics of both alike
     for a, b in zip(app.non_trainable_weights, ours.resnet.non_trainable_weights):
         np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=1e-4, atol=1e-5)
+
+
+def test_call_sublayer_skips_keras_call_only_without_autocast(monkeypatch):
+    """`call_sublayer` runs a built float32 sublayer's `call` directly (same numbers as a Keras
+    call); unbuilt or mixed-precision sublayers go through `Layer.__call__` (autocasting)."""
+    from keras_mfm.layers.fused import Dense
+    from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
+
+    calls = []
+    original = keras.layers.Layer.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", spy)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+    block = TransformerBlock(8, 2, name="block")
+    block.build((None, 3, 8))
+    direct = to_numpy(call_sublayer(block, block.fc1, x))
+    assert calls == []
+    np.testing.assert_allclose(direct, to_numpy(block.fc1(x)), atol=1e-6)
+    assert calls == ["fc1"]
+    calls.clear()
+    unbuilt = Dense(4, name="unbuilt")
+    call_sublayer(block, unbuilt, x)
+    assert calls == ["unbuilt"]
+    calls.clear()
+    mixed = TransformerBlock(8, 2, dtype="mixed_bfloat16", name="mixed")
+    mixed.build((None, 3, 8))
+    out = call_sublayer(mixed, mixed.fc1, x)
+    assert calls == ["fc1"] and keras.backend.standardize_dtype(out.dtype) == "bfloat16"

@@ -16,7 +16,7 @@ from keras import ops
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from keras_mfm.layers.fused import Conv2D
 from keras_mfm.layers.position_embedding import sincos_2d
-from keras_mfm.layers.transformer import TransformerBlock
+from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 
@@ -213,8 +213,8 @@ class ViTBackbone(Backbone):
             x = ops.take_along_axis(x, token_indices[:, :, None], axis=1)
         x = self.prepend_cls(x)
         for block in self.blocks[:-1]:
-            x = block(x, training=training)
-        x = self.blocks[-1](x, return_attention=return_attention, training=training)
+            x = call_sublayer(self, block, x, training=training)
+        x = call_sublayer(self, self.blocks[-1], x, return_attention=return_attention, training=training)
         if return_attention:
             return x
         return x, None

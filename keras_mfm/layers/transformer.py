@@ -6,17 +6,23 @@ from keras import ops
 from keras_mfm.layers.fused import Dense
 
 
-def _sublayer(parent, layer, *args, **kwargs):
-    """`layer(*args, **kwargs)` for a built sublayer, called from inside `parent.call`.
+def call_sublayer(parent, layer, *args, **kwargs):
+    """`layer(*args, **kwargs)` for a sublayer, called from inside `parent.call`.
 
-    When the sublayer has its parent's dtype policy, this runs `layer.call` directly: the parent's
-    `__call__` has already converted and cast the inputs and opened the autocast scope, and the
-    rest of a Keras layer call (input checks, name scope, call context, argument binding) costs
-    ~0.17 ms of Python per call on the eager PyTorch backend, against ~0.06 ms for a `Dense.call`;
-    a block makes seven such calls. Otherwise (unbuilt, another policy, quantised) it is
+    When the sublayer is built and has its parent's dtype policy, and that policy computes in its
+    variables' dtype (no autocasting: float32, float64), this runs `layer.call` directly: inside
+    its parent's call the inputs are already tensors of that dtype, and the rest of a Keras layer
+    call (input checks, name scope, call context, argument binding) costs ~0.17 ms of Python per
+    call on the eager PyTorch backend, against ~0.06 ms for a `Dense.call`; a transformer block
+    makes seven such calls. Otherwise (unbuilt, another policy, mixed precision, quantised) it is
     `layer(...)`.
     """
-    if layer.built and layer.dtype_policy.name == parent.dtype_policy.name:
+    policy = layer.dtype_policy
+    if (
+        layer.built
+        and policy.name == parent.dtype_policy.name
+        and policy.compute_dtype == policy.variable_dtype
+    ):
         return layer.call(*args, **kwargs)
     return layer(*args, **kwargs)
 
@@ -67,7 +73,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def call(self, x, return_attention=False):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(_sublayer(self, self.qkv, x), (batch, length, 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(call_sublayer(self, self.qkv, x), (batch, length, 3, self.num_heads, self.head_dim))
         # One transpose to (3, B, heads, T, d_head), then `unstack`: q, k and v come out
         # contiguous in the (B, heads, T, d_head) layout attention kernels work in, and the
         # backward pass is one stack (indexing `qkv[:, :, i]` costs a zero-filled copy of the
@@ -86,7 +92,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             # backend transposes back without a copy.
             q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
             out = ops.dot_product_attention(q, k, v)
-        out = _sublayer(self, self.proj, ops.reshape(out, (batch, length, self.hidden_dim)))
+        out = call_sublayer(self, self.proj, ops.reshape(out, (batch, length, self.hidden_dim)))
         if return_attention:
             return out, attention
         return out
@@ -153,14 +159,14 @@ class TransformerBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x, return_attention=False, training=None):
-        attended = _sublayer(
-            self, self.attention, _sublayer(self, self.norm1, x), return_attention=return_attention
+        attended = call_sublayer(
+            self, self.attention, call_sublayer(self, self.norm1, x), return_attention=return_attention
         )
         if return_attention:
             attended, attention = attended
         x = x + self._drop_path(attended, training)
-        hidden = _sublayer(self, self.fc1, _sublayer(self, self.norm2, x))
-        hidden = _sublayer(self, self.fc2, keras.activations.gelu(hidden, approximate=False))
+        hidden = call_sublayer(self, self.fc1, call_sublayer(self, self.norm2, x))
+        hidden = call_sublayer(self, self.fc2, keras.activations.gelu(hidden, approximate=False))
         x = x + self._drop_path(hidden, training)
         if return_attention:
             return x, attention

@@ -20,7 +20,7 @@ from keras import ops
 
 from keras_mfm.layers.fused import Dense
 from keras_mfm.layers.position_embedding import sincos_2d
-from keras_mfm.layers.transformer import TransformerBlock
+from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
 from keras_mfm.models.token_masking import TokenMaskingModel
 
 
@@ -98,9 +98,9 @@ class MAEDecoder(keras.layers.Layer):
         mask_tokens = ops.cast(self.mask_token, x.dtype) + ops.take(patches, masked, axis=0)
         x = ops.concatenate([cls, visible_tokens, mask_tokens], axis=1)
         for block in self.blocks:
-            x = block(x, training=training)
-        x = self.norm(x)
-        return self.predict_pixels(x[:, 1 + ops.shape(visible)[1]:])
+            x = call_sublayer(self, block, x, training=training)
+        x = call_sublayer(self, self.norm, x)
+        return call_sublayer(self, self.predict_pixels, x[:, 1 + ops.shape(visible)[1]:])
 
     def get_config(self):
         config = super().get_config()
