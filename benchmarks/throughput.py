@@ -11,13 +11,17 @@ Configurations (`--configs`):
 
     mfm_vit       MFM, ViT-Tiny/4 (192-d, 12 blocks, 3 heads) at 32x32, frequency loss on the masked frequencies
     mfm_resnet50  MFM, ResNet-50 (keras.applications) at 64x64, p_low 0.3, head 1x1 conv + pixel shuffle by 32
-    mae           MAE, ViT-Tiny/4 at 32x32 (sin-cos positions), mask 0.75, decoder 192-d x 4 blocks x 3 heads
+    mae           MAE, ViT-Tiny/4 at 32x32 (sin-cos positions), mask 0.75, a light decoder: 192-d x 4 blocks
+                  x 3 heads (`--decoder-dim/--decoder-depth/--decoder-heads`)
     famt          FAMT, same model, importance phase (a filled table; maps followed through crop/flip), mask 0.45,
                   throw 0.40
+    mae_d512      MAE with the library's default decoder, the authors': 512-d x 8 blocks x 16 heads
+    famt_d512     FAMT with that decoder
 
 What is timed: one training step = forward, loss, backward, AdamW update (the library's recipe: AdamW 0.9/0.95,
 weight decay 0.05 except biases/norms/position embedding/[CLS]/mask token, global gradient clipping at 3.0).
-Keras: `model.train_on_batch` on one fixed in-memory batch: the compiled train step `model.fit` runs in
+Keras: `model.train_on_batch` on one fixed in-memory batch (minus the symbolic model check it repeats on every
+call and `fit` runs once): the compiled train step `model.fit` runs in
 `train.py` (minus the augmentation, timed on its own), synchronised by its returned loss; `--fit` times
 `model.fit` on a `tf.data` repeat of the batch instead. `jit_compile="auto"` (XLA on JAX; on TensorFlow only
 with a GPU/TPU, so a TF graph on this CPU; eager on PyTorch; `-nojit` variants turn XLA off), after warm-up steps (compilation excluded); one repeat =
@@ -57,7 +61,17 @@ CONFIGS = {
     "mfm_resnet50": dict(method="mfm", backbone="resnet50", image_size=64, patch_size=None),
     "mae": dict(method="mae", backbone="vit_tiny", image_size=32, patch_size=4),
     "famt": dict(method="famt", backbone="vit_tiny", image_size=32, patch_size=4),
+    # the library's default decoder, the authors' (512-d, 8 blocks, 16 heads)
+    "mae_d512": dict(method="mae", backbone="vit_tiny", image_size=32, patch_size=4, decoder=(512, 8, 16)),
+    "famt_d512": dict(method="famt", backbone="vit_tiny", image_size=32, patch_size=4, decoder=(512, 8, 16)),
 }
+#: (MAE, FAMT) configuration pairs whose step-time ratio is printed
+FAMT_PAIRS = (("mae", "famt"), ("mae_d512", "famt_d512"))
+
+
+def decoder_shape(spec, args):
+    """(width, depth, heads) of the MAE/FAMT decoder of a configuration."""
+    return spec.get("decoder") or (args.decoder_dim, args.decoder_depth, args.decoder_heads)
 VIT_TINY = dict(hidden_dim=192, depth=12, num_heads=3)
 KERAS_BACKENDS = ("torch", "jax", "tensorflow")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +87,7 @@ DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="mfm_vit,mfm_resnet50,mae,famt",
+    parser.add_argument("--configs", default="mfm_vit,mfm_resnet50,mae,famt,mae_d512,famt_d512",
                         help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--backends", default="torch,jax,tensorflow",
                         help="comma-separated Keras backends; a '-nojit' suffix (tensorflow-nojit, jax-nojit) turns "
@@ -166,9 +180,9 @@ def step_flops(name, args):
         forward = embed + vit_blocks_flops(1 + n, dim, depth) + 2 * n * dim * p * p * 3
     else:
         masked, _, visible = token_counts(n, *method_ratios(spec["method"]))
-        dd = args.decoder_dim
+        dd, decoder_depth, _ = decoder_shape(spec, args)
         forward = (embed + vit_blocks_flops(1 + visible, dim, depth) + 2 * (1 + visible) * dim * dd
-                   + vit_blocks_flops(1 + visible + masked, dd, args.decoder_depth) + 2 * masked * dd * p * p * 3)
+                   + vit_blocks_flops(1 + visible + masked, dd, decoder_depth) + 2 * masked * dd * p * p * 3)
     return 3 * batch * forward
 
 
@@ -220,8 +234,9 @@ def keras_model(name, args):
         model = methods.build_method("mfm", encoder, seed=0)
     else:
         extra = {"num_images": batch} if spec["method"] == "famt" else {}
-        model = methods.build_method(spec["method"], encoder, seed=0, decoder_dim=args.decoder_dim,
-                                     decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, **extra)
+        decoder_dim, decoder_depth, decoder_heads = decoder_shape(spec, args)
+        model = methods.build_method(spec["method"], encoder, seed=0, decoder_dim=decoder_dim,
+                                     decoder_depth=decoder_depth, decoder_heads=decoder_heads, **extra)
     model.build()
     if spec["method"] == "famt":
         model.set_importance(rng.random((batch, encoder.num_patches)).astype("float32") + 0.01)
@@ -245,7 +260,14 @@ def keras_runner(name, args):
         else:
             for _ in range(steps):
                 model.train_on_batch(inputs)  # returns the loss as a Python float: the step has finished
+                # `train_on_batch` checks the model symbolically on every call (`_symbolic_build`,
+                # 5-10 ms on eager PyTorch), which `fit` does once per call of `fit`; once built,
+                # it is skipped here, so that a step costs what it costs inside `fit`.
+                model._symbolic_build = _skip_symbolic_build
         return time.perf_counter() - start
+
+    def _skip_symbolic_build(*args, **kwargs):
+        pass
 
     return run, model
 
@@ -384,10 +406,10 @@ def reference_runner(name, args, attention="explicit"):
         n = grid * grid
         masked_count, thrown_count, visible_count = token_counts(n, *method_ratios(spec["method"]))
         encoder = ViT(size, p, dim, depth, heads)
-        dd = args.decoder_dim
+        dd, decoder_depth, decoder_heads = decoder_shape(spec, args)
         decoder = nn.ModuleDict({
-            "embed": nn.Linear(dim, dd), "blocks": nn.ModuleList([Block(dd, args.decoder_heads)
-                                                                 for _ in range(args.decoder_depth)]),
+            "embed": nn.Linear(dim, dd), "blocks": nn.ModuleList([Block(dd, decoder_heads)
+                                                                 for _ in range(decoder_depth)]),
             "norm": nn.LayerNorm(dd, eps=1e-6), "pred": nn.Linear(dd, p * p * 3),
         })
         decoder.mask_token = nn.Parameter(torch.randn(1, 1, dd) * 0.02)
@@ -661,9 +683,10 @@ def main():
                   f"{flops / 1e9:.1f} | {flops / seconds / 1e9:.1f} | {100 * flops / seconds / peak:.0f} % | "
                   f"{warmup[impl]:.0f} |", flush=True)
         rows.append((config, samples))
-    if "mae" in args.config_list and "famt" in args.config_list:
-        print("\nFAMT step time / MAE step time: " + ", ".join(
-            f"{impl} {ratios[('famt', impl)] / ratios[('mae', impl)]:.2f}" for impl in impls))
+    for mae, famt in FAMT_PAIRS:
+        if mae in args.config_list and famt in args.config_list:
+            print(f"\nFAMT step time / MAE step time ({famt} / {mae}): " + ", ".join(
+                f"{impl} {ratios[(famt, impl)] / ratios[(mae, impl)]:.2f}" for impl in impls))
     print("\nall samples (s / step): " + "; ".join(
         f"{config} {impl} " + "/".join(f"{s:.3f}" for s in values)
         for config, samples in rows for impl, values in samples.items()))
