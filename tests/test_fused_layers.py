@@ -1,4 +1,4 @@
-"""keras_mfm.layers.fused: Keras' Dense / Conv2D / BatchNormalization on PyTorch's fused kernels.
+"""keras_mfm.layers.fused: Keras' Dense / LayerNormalization / Conv2D / BatchNormalization on PyTorch.
 
 Every layer is held to a float64 NumPy reference of its formula (output and the gradients of
 `sum(y * G)` with respect to the input and every weight), on every backend: on TensorFlow and JAX
@@ -47,7 +47,7 @@ def spy(monkeypatch):
     if BACKEND == "torch":
         from keras_mfm.layers import fused_torch
 
-        for name in ("dense", "conv2d", "batch_norm_training", "batch_norm_inference"):
+        for name in ("dense", "layer_norm", "conv2d", "batch_norm_training", "batch_norm_inference"):
             original = getattr(fused_torch, name)
 
             def wrapper(*args, _original=original, _name=name, **kwargs):
@@ -93,6 +93,43 @@ def test_dense_activation_and_keras_equivalence():
     ours.set_weights(theirs.get_weights())
     np.testing.assert_allclose(to_numpy(ours(x)), to_numpy(theirs(x)), atol=1e-6)
     assert to_numpy(ours(x)).min() >= 0.0
+
+
+# -- LayerNormalization -----------------------------------------------------------------------------
+def test_layer_norm_matches_numpy_with_gradients(spy):
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=(2, 3, 6)) * 2 + 1).astype("float32")
+    layer = fused.LayerNormalization(epsilon=1e-6)
+    layer.build(x.shape)
+    _random_weights(layer, rng)
+    gamma, beta = (w.astype("float64") for w in layer.get_weights())
+    upstream = rng.normal(size=x.shape)
+    outputs, grads, _ = _grads(layer, x, upstream)
+    x64 = x.astype("float64")
+    mean, variance = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    invstd = 1.0 / np.sqrt(variance + 1e-6)
+    xhat = (x64 - mean) * invstd
+    np.testing.assert_allclose(outputs, gamma * xhat + beta, atol=1e-5)
+    dxhat = upstream * gamma
+    dx = invstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    np.testing.assert_allclose(grads[0], dx, atol=1e-4)
+    np.testing.assert_allclose(grads[1], (upstream * xhat).sum((0, 1)), atol=1e-4)
+    np.testing.assert_allclose(grads[2], upstream.sum((0, 1)), atol=1e-4)
+    assert spy == (["layer_norm"] * 2 if BACKEND == "torch" else [])
+
+
+@pytest.mark.parametrize("kwargs", [dict(axis=[1, 2]), dict(rms_scaling=True), dict(center=False, scale=False)])
+def test_layer_norm_other_cases_equal_keras(kwargs, spy):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 3, 6)).astype("float32")
+    ours, theirs = fused.LayerNormalization(**kwargs), keras.layers.LayerNormalization(**kwargs)
+    ours.build(x.shape), theirs.build(x.shape)
+    if theirs.get_weights():
+        _random_weights(theirs, rng)
+        ours.set_weights(theirs.get_weights())
+    np.testing.assert_allclose(to_numpy(ours(x)), to_numpy(theirs(x)), atol=1e-5)
+    fused_case = BACKEND == "torch" and "axis" not in kwargs and "rms_scaling" not in kwargs
+    assert spy == (["layer_norm"] if fused_case else [])
 
 
 # -- Conv2D -----------------------------------------------------------------------------------------
@@ -273,7 +310,7 @@ def test_batch_norm_falls_back_for_other_axes_and_masks(spy):
 
 # -- serialisation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", [
-    fused.Dense(3, name="d"), fused.Conv2D(3, 3, padding="same", name="c"),
+    fused.Dense(3, name="d"), fused.LayerNormalization(name="n"), fused.Conv2D(3, 3, padding="same", name="c"),
     fused.BatchNormalization(momentum=0.9, name="b"),
 ])
 def test_layers_serialise_and_share_weights_with_keras(layer, tmp_path):
@@ -282,7 +319,7 @@ def test_layers_serialise_and_share_weights_with_keras(layer, tmp_path):
     restored = keras.saving.deserialize_keras_object(config)
     assert type(restored) is type(layer) and restored.get_config() == layer.get_config()
     keras_twin = getattr(keras.layers, type(layer).__name__).from_config(layer.get_config())
-    shape = (2, 6, 6, 3) if not isinstance(layer, fused.Dense) else (2, 4)
+    shape = (2, 4) if isinstance(layer, (fused.Dense, fused.LayerNormalization)) else (2, 6, 6, 3)
     inputs = keras.Input(shape[1:])
     model = keras.Model(inputs, layer(inputs))
     twin = keras.Model(inputs, keras_twin(inputs))

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from keras_mfm.layers.fused import Conv2D
+from keras_mfm.layers.fused import Conv2D, LayerNormalization
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
 
@@ -107,7 +107,7 @@ class ViTBackbone(Backbone):
             )
             for i, rate in enumerate(rates)
         ]
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=policy, name="norm"
         )
 

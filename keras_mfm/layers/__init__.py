@@ -1,7 +1,7 @@
 """Keras layers of keras_mfm."""
 
 from keras_mfm.layers.frequency_masking import FrequencyMasking
-from keras_mfm.layers.fused import BatchNormalization, Conv2D, Dense
+from keras_mfm.layers.fused import BatchNormalization, Conv2D, Dense, LayerNormalization
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur, RestorationCorruption
 from keras_mfm.layers.transformer import MultiHeadSelfAttention, TransformerBlock
 
@@ -13,6 +13,7 @@ __all__ = [
     "Downsampling",
     "FrequencyMasking",
     "GaussianBlur",
+    "LayerNormalization",
     "MultiHeadSelfAttention",
     "RestorationCorruption",
     "TransformerBlock",

@@ -1,4 +1,4 @@
-"""`Dense`, `Conv2D` and `BatchNormalization`: Keras' layers, on PyTorch's fused kernels on torch.
+"""`Dense`, `LayerNormalization`, `Conv2D`, `BatchNormalization`: Keras' layers, PyTorch's kernels on torch.
 
 Same arguments, weights (`(I, O)` and HWIO kernels, biases; gamma, beta, moving mean and
 variance), config and numbers as `keras.layers.Dense` / `Conv2D` / `BatchNormalization`, so a
@@ -8,6 +8,8 @@ PyTorch whenever a case below does not hold, they are exactly Keras' layers. On 
 
 - `Dense` (not quantised, no LoRA, inputs of the kernel's dtype): `x @ K + b` as one
   `torch.addmm` (Keras adds the bias in a second pass over the output).
+- `LayerNormalization` (last axis, no RMS scaling, float32): `F.layer_norm` without the Python of
+  Keras' op.
 
 and for channels-last float inputs of rank 4:
 
@@ -48,6 +50,27 @@ class Dense(keras.layers.Dense):
         if self.activation is not None:
             return self.activation(outputs)
         return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_mfm")
+class LayerNormalization(keras.layers.LayerNormalization):
+    """`keras.layers.LayerNormalization`, as `F.layer_norm` on PyTorch."""
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        if (
+            not _torch()
+            or self.rms_scaling
+            or [a % rank for a in self.axis] != [rank - 1]
+            or keras.backend.standardize_dtype(inputs.dtype) != "float32"
+            or self.compute_dtype != "float32"
+        ):
+            return super().call(inputs)
+        from keras_mfm.layers import fused_torch
+
+        gamma = ops.convert_to_tensor(self.gamma) if self.gamma is not None else None
+        beta = ops.convert_to_tensor(self.beta) if self.beta is not None else None
+        return fused_torch.layer_norm(ops.convert_to_tensor(inputs), gamma, beta, self.epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")

@@ -21,7 +21,11 @@ forward, and of every kernel gradient backward) were ~13% of the step. Here:
   standard deviation gives the biased batch variance Keras' moving average uses,
   `var = invstd^-2 - eps`.
 
-The convolution and normalisation functions take and return channels-last (NHWC) torch tensors.
+`LayerNormalization` is `F.layer_norm`, and the attention core of `MultiHeadSelfAttention` (on the
+path that computes the attention explicitly) runs as PyTorch calls: the kernels are the same as
+through `keras.ops`, the Python per operation is not (~25 us per Keras op, ~12 per block).
+
+The convolution and batch-normalisation functions take and return channels-last (NHWC) torch tensors.
 """
 
 import torch
@@ -51,6 +55,26 @@ def dense(inputs, kernel, bias):
     x = inputs.reshape(-1, inputs.shape[-1])
     y = torch.addmm(bias, x, kernel) if bias is not None else torch.mm(x, kernel)
     return y.reshape(*leading, kernel.shape[1])
+
+
+def layer_norm(inputs, gamma, beta, epsilon):
+    """Normalise over the last axis: `torch.nn.functional.layer_norm` (gamma, beta may be None)."""
+    return F.layer_norm(inputs, inputs.shape[-1:], gamma, beta, epsilon)
+
+
+def self_attention(qkv, num_heads, return_attention=False):
+    """Multi-head self-attention from a fused projection `qkv` (B, T, 3 D) -> (B, T, D).
+
+    `A = softmax(q k^T / sqrt(d_head))` in float32, `out = A v`; also returns `A` (B, heads, T, T)
+    when asked. The same operations as `MultiHeadSelfAttention`'s explicit path, in PyTorch calls.
+    """
+    batch, length, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.reshape(batch, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = q.float() * head_dim**-0.5, k.float(), v.float()
+    attention = torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1)
+    out = torch.matmul(attention, v).transpose(1, 2).reshape(batch, length, num_heads * head_dim)
+    return out.to(qkv.dtype), (attention if return_attention else None)
 
 
 def conv2d(inputs, kernel, bias, strides, padding):

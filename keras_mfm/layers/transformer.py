@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_mfm.layers.fused import Dense
+from keras_mfm.layers.fused import Dense, LayerNormalization
 
 
 def call_sublayer(parent, layer, *args, **kwargs):
@@ -73,6 +73,15 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def call(self, x, return_attention=False):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        if keras.backend.backend() == "torch" and (return_attention or not _fused_attention_pays(x)):
+            # the explicit path below, as PyTorch calls (`fused_torch.self_attention`)
+            from keras_mfm.layers import fused_torch
+
+            out, attention = fused_torch.self_attention(
+                call_sublayer(self, self.qkv, x), self.num_heads, return_attention
+            )
+            out = call_sublayer(self, self.proj, ops.cast(out, self.compute_dtype))
+            return (out, attention) if return_attention else out
         qkv = ops.reshape(call_sublayer(self, self.qkv, x), (batch, length, 3, self.num_heads, self.head_dim))
         # One transpose to (3, B, heads, T, d_head), then `unstack`: q, k and v come out
         # contiguous in the (B, heads, T, d_head) layout attention kernels work in, and the
@@ -133,13 +142,13 @@ class TransformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         policy = self.dtype_policy
         init = keras.initializers.GlorotUniform()
-        self.norm1 = keras.layers.LayerNormalization(
+        self.norm1 = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
         )
         self.attention = MultiHeadSelfAttention(
             hidden_dim, num_heads, qkv_bias, dtype=policy, name="attention"
         )
-        self.norm2 = keras.layers.LayerNormalization(
+        self.norm2 = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
         )
         self.fc1 = Dense(

@@ -18,7 +18,7 @@ configuration compiles once. The loss is in `compute_loss` (all three `model.fit
 import keras
 from keras import ops
 
-from keras_mfm.layers.fused import Dense
+from keras_mfm.layers.fused import Dense, LayerNormalization
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
 from keras_mfm.models.token_masking import TokenMaskingModel
@@ -67,7 +67,7 @@ class MAEDecoder(keras.layers.Layer):
             TransformerBlock(self.hidden_dim, self.num_heads, self.mlp_ratio, dtype=policy, name=f"block_{i}")
             for i in range(self.depth)
         ]
-        self.norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy, name="norm")
+        self.norm = LayerNormalization(epsilon=1e-6, dtype=policy, name="norm")
         self.predict_pixels = Dense(
             self.patch_size**2 * 3, kernel_initializer=init, dtype=policy, name="predict_pixels"
         )
