@@ -260,10 +260,10 @@ def keras_runner(name, args):
         else:
             for _ in range(steps):
                 model.train_on_batch(inputs)  # returns the loss as a Python float: the step has finished
-                # `train_on_batch` checks the model symbolically on every call (`_symbolic_build`,
-                # 5-10 ms on eager PyTorch), which `fit` does once per call of `fit`; once built,
-                # it is skipped here, so that a step costs what it costs inside `fit`.
-                model._symbolic_build = _skip_symbolic_build
+            # `train_on_batch` checks the model symbolically on every call (`_symbolic_build`,
+            # 5-10 ms on eager PyTorch), which `fit` does once per call of `fit`; after the warm-up
+            # it is skipped, so that a timed step costs what it costs inside `fit`.
+            model._symbolic_build = _skip_symbolic_build
         return time.perf_counter() - start
 
     def _skip_symbolic_build(*args, **kwargs):

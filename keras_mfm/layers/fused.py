@@ -32,6 +32,11 @@ def _torch():
     return keras.backend.backend() == "torch"
 
 
+def _same_dtype(inputs, *weights):
+    """Whether every weight (None: absent) has the inputs' dtype, as the PyTorch calls need."""
+    return all(w is None or w.dtype == inputs.dtype for w in weights)
+
+
 @keras.saving.register_keras_serializable(package="keras_mfm")
 class Dense(keras.layers.Dense):
     """`keras.layers.Dense`, with the bias added inside the matrix product on PyTorch."""
@@ -44,7 +49,7 @@ class Dense(keras.layers.Dense):
         inputs = ops.convert_to_tensor(inputs)
         kernel = ops.convert_to_tensor(self._kernel)
         bias = ops.convert_to_tensor(self.bias) if self.bias is not None else None
-        if kernel.dtype != inputs.dtype or (bias is not None and bias.dtype != inputs.dtype):
+        if not _same_dtype(inputs, kernel, bias):
             return super().call(inputs, training=training)
         outputs = fused_torch.dense(inputs, kernel, bias)
         if self.activation is not None:
@@ -95,7 +100,7 @@ class Conv2D(keras.layers.Conv2D):
         inputs = ops.convert_to_tensor(inputs)
         kernel = ops.convert_to_tensor(self.kernel)
         bias = ops.convert_to_tensor(self.bias) if self.use_bias else None
-        if kernel.dtype != inputs.dtype or (bias is not None and bias.dtype != inputs.dtype):
+        if not _same_dtype(inputs, kernel, bias):
             return super().call(inputs)
         outputs = fused_torch.conv2d(inputs, kernel, bias, tuple(self.strides), self.padding)
         if self.activation is not None:

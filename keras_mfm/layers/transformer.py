@@ -72,7 +72,6 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, x, return_attention=False):
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
         if keras.backend.backend() == "torch" and (return_attention or not _fused_attention_pays(x)):
             # the explicit path below, as PyTorch calls (`fused_torch.self_attention`)
             from keras_mfm.layers import fused_torch
@@ -82,6 +81,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             )
             out = call_sublayer(self, self.proj, ops.cast(out, self.compute_dtype))
             return (out, attention) if return_attention else out
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(call_sublayer(self, self.qkv, x), (batch, length, 3, self.num_heads, self.head_dim))
         # One transpose to (3, B, heads, T, d_head), then `unstack`: q, k and v come out
         # contiguous in the (B, heads, T, d_head) layout attention kernels work in, and the
