@@ -32,8 +32,21 @@ def _methods_epilog(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from keras_mfm.methods import available_methods
 
-    lines = [f"  {name:<12} {description}" for name, description in available_methods().items()]
-    return "methods (--method):\n" + "\n".join(lines)
+    from keras_mfm.methods import get_method
+    from keras_mfm.optimization import RECIPES
+
+    lines = [f"  {name:<12} {description} [recipe {get_method(name).recipe}, init {get_method(name).init}]"
+             for name, description in available_methods().items()]
+    recipes = []
+    for name, r in RECIPES.items():
+        decay = "cosine" if r.decay == "cosine" else f"x{r.gamma} at {', '.join(f'{m:.0%}' for m in r.milestones)}"
+        recipes.append(
+            f"  {name:<7} lr {r.base_lr:g} x batch/{r.reference_batch_size}, min {r.min_lr:g}, warm-up "
+            f"{r.warmup_fraction:.1%} of the run from {r.warmup_lr:g}, {decay}, betas ({r.beta_1}, {r.beta_2}), "
+            f"eps {r.epsilon:g}, weight decay {r.weight_decay}, clip {r.clip_norm or 'none'}, no decay on rank<=1"
+            + (f" and {', '.join(r.no_decay_names)}" if r.no_decay_names else ""))
+    return ("methods (--method):\n" + "\n".join(lines) + "\n\nrecipes (--recipe; rates per reference batch):\n"
+            + "\n".join(recipes))
 
 
 def parse_args(argv=None):
@@ -97,7 +110,8 @@ def parse_args(argv=None):
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="vit_tiny",
-                       help="vit_tiny | vit_small | vit_base | resnet50 (Keras, v1) | resnet50_v1_5 (torchvision's)")
+                       help="vit_tiny | vit_small | vit_base | resnet50 (timm's v1.5 with zero-init last BatchNorms, MFM's; "
+                       "= resnet50_v1_5) | resnet50_v1 (Keras' application)")
     model.add_argument("--image-size", type=int, default=32, help="training image size (square)")
     model.add_argument("--patch-size", type=int, default=4, help="ViT patch size (the image size must be a multiple)")
     model.add_argument("--depth", type=int, default=None, help="override the ViT preset's number of blocks")
@@ -154,17 +168,28 @@ def parse_args(argv=None):
     mae.add_argument("--decoder-heads", type=int, default=16, help="MAE decoder heads")
     mae.add_argument("--norm-pix-loss", action="store_true", help="MAE: per-patch normalised pixel targets")
 
-    optim = parser.add_argument_group("optimisation (AdamW 0.9/0.95, warm-up + cosine, per step)")
+    optim = parser.add_argument_group("optimisation (AdamW with PyTorch's update, per-step schedule; defaults: the "
+                                      "method's authors' recipe, listed below)")
     optim.add_argument("--epochs", type=int, default=1, help="epochs")
     optim.add_argument("--steps-per-epoch", type=int, default=None,
                        help="steps per epoch (default: one pass over the training split)")
     optim.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    optim.add_argument("--base-lr", type=float, default=3e-4, help="learning rate per 512 images (lr = base * batch / 512)")
+    optim.add_argument("--recipe", default=None,
+                       help="optimisation recipe: mfm, mae or simmim (default: the method's authors', e.g. mae for famt)")
+    optim.add_argument("--init", default=None,
+                       help="ViT weight-init scheme: mfm, mae or simmim (default: the method's authors')")
+    optim.add_argument("--base-lr", type=float, default=None,
+                       help="peak learning rate per reference batch of the recipe (lr = base * batch / reference; "
+                       "default: the recipe's)")
     optim.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
-    optim.add_argument("--min-lr", type=float, default=2.5e-6, help="final learning rate of the cosine")
-    optim.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: epochs / 15)")
-    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, pos. embedding, [CLS])")
-    optim.add_argument("--clip-norm", type=float, default=3.0, help="global gradient-norm clipping (0: off)")
+    optim.add_argument("--min-lr", type=float, default=None,
+                       help="absolute final learning rate (default: the recipe's, scaled with the batch)")
+    optim.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: the recipe's share "
+                       "of --epochs)")
+    optim.add_argument("--weight-decay", type=float, default=None,
+                       help="AdamW weight decay (default: the recipe's, 0.05; which variables it skips is the recipe's)")
+    optim.add_argument("--clip-norm", type=float, default=None,
+                       help="global gradient-norm clipping, 0: off (default: the recipe's)")
     return parser.parse_args(argv)
 
 
@@ -184,6 +209,7 @@ def main(argv=None):
                 method=args.method, backbone=args.backbone, image_size=args.image_size,
                 patch_size=args.patch_size, depth=args.depth, data=args.data or "tfds:cifar10",
                 epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                recipe=args.recipe, init=args.init,
                 base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
                 p_low=args.p_low, outer_radius=args.outer_radius,

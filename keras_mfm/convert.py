@@ -59,8 +59,8 @@ laid out as (3, heads, head_dim) along its output axis, scale head_dim ** -0.5, 
 the weights: they must be those of the checkpoint's model (the presets have the standard 3 / 6 / 12
 heads; pass `layer_norm_epsilon=1e-5` for a ViT built with `nn.LayerNorm`'s default). Global-pool
 classifiers (`fc_norm` instead of `norm`: LayerNorm after average pooling) cannot be represented
-and are refused. ResNet-50: Keras' `resnet50` (v1) is another network than torchvision's (v1.5,
-see `keras_mfm.backbones.resnet`) and is refused; `resnet50_v1_5` gives PyTorch's features up to
+and are refused. ResNet-50: Keras' `resnet50_v1` (v1) is another network than torchvision's (v1.5,
+see `keras_mfm.backbones.resnet`) and is refused; `resnet50` (= `resnet50_v1_5`) gives PyTorch's features up to
 float32 rounding. Caffe-style v1 checkpoints (stride in the first 1x1) have the same key names and
 shapes as v1.5 ones and cannot be told apart: they would load, with other features.
 tests/test_convert.py measures the differences against float64 PyTorch references.
@@ -514,10 +514,10 @@ def _check_architecture(names, cls, variant=None):
         )
     if architecture == "resnet" and variant != "v1.5":
         raise ConversionError(
-            "The encoder is Keras' ResNet-50 v1 (preset resnet50), but PyTorch (torchvision / timm / "
+            "The encoder is Keras' ResNet-50 v1 (preset resnet50_v1), but PyTorch (torchvision / timm / "
             "MFM) ResNet-50 checkpoints are v1.5: their downsampling blocks stride in the 3x3 "
             "convolution, not in the first 1x1, so their weights give other features in v1. Use "
-            "--backbone resnet50_v1_5 (ResNetBackbone(variant='v1.5'))."
+            "--backbone resnet50 (ResNetBackbone(variant='v1.5'))."
         )
     return architecture
 
@@ -640,7 +640,7 @@ def convert_checkpoint(checkpoint, backbone="vit_base", image_size=224, patch_si
 
     Args:
         checkpoint: the path of a `.pth` file (`read_checkpoint`), or a loaded checkpoint or state dict.
-        backbone: a preset name (`vit_tiny`, `vit_small`, `vit_base`, `resnet50_v1_5`) built with
+        backbone: a preset name (`vit_tiny`, `vit_small`, `vit_base`, `resnet50` = `resnet50_v1_5`) built with
             `get_backbone(backbone, image_size, patch_size, **backbone_kwargs)` (e.g. `depth=6`,
             `num_heads=...`, `qkv_bias=False`, `position_embedding="sincos"`), or a `Backbone`.
         prefix, interpolate_position_embedding, strict: see `load_torch_state_dict`.
@@ -676,7 +676,7 @@ def _parser():
     parser = cli.OneLineParser(prog="convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pth, .pt, .bin)")
     parser.add_argument("--backbone", required=True,
-                        help="preset: vit_tiny | vit_small | vit_base | resnet50_v1_5")
+                        help="preset: vit_tiny | vit_small | vit_base | resnet50 (= resnet50_v1_5)")
     parser.add_argument("--image-size", type=int, default=224, help="default: 224")
     parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default 16)")
     parser.add_argument("--output", required=True, help="the encoder .keras file to write")

@@ -18,12 +18,11 @@ The first `num_masked` tokens of the order are masked, the next `num_thrown` are
 are visible, so important tokens tend to be masked and the visible ones tend to be the least
 important. Uniform weights give MAE's random masking.
 
-Counts (`token_counts`), following SPEC's FAMT numbers: `num_masked = int(N * mask_ratio)`,
-`num_thrown = int(N * throw_ratio)` (both truncated) and `num_visible = N - num_masked - num_thrown`.
-ViT-B/16 at 224 (N = 196) with mask 0.45 and throw 0.40 gives 88 masked, 78 thrown, 30 visible;
-MAE's 0.75 gives 147 masked, 49 visible. (MAE's own code computes `len_keep = int(N * (1 - ratio))`,
-which differs by one token when `N * ratio` is not an integer, e.g. N = 10, ratio 0.75: MAE keeps 2,
-this convention keeps 3.)
+Counts (`token_counts`), as the authors' code computes them: MAE's random masking keeps
+`int(N * (1 - mask_ratio))` tokens and masks the rest (`rule="mae"`); AMT/FAMT mask
+`int(N * mask_ratio)`, throw `int(N * (mask_ratio + throw_ratio)) - int(N * mask_ratio)` and keep the
+rest (`rule="amt"`). ViT-B/16 at 224 (N = 196): MAE 147 masked / 49 visible, FAMT (0.45 / 0.40) 88
+masked, 78 thrown, 30 visible; at N = 64 FAMT gives 28 / 26 / 10, at N = 49 MAE masks 37.
 
 Importance (one value per patch and image, from the last encoder block in inference mode, on all
 tokens; `A` is that block's softmax attention `(heads, 1 + N, 1 + N)` with [CLS] first, `X` its
@@ -93,11 +92,17 @@ def _check_ratio(value, name):
         raise ValueError(f"`{name}` must be in [0, 1), got {value}.")
 
 
-def token_counts(num_tokens, mask_ratio, throw_ratio=0.0):
+COUNT_RULES = ("mae", "amt")
+
+
+def token_counts(num_tokens, mask_ratio, throw_ratio=0.0, rule=None):
     """Number of masked, thrown and visible tokens: `(num_masked, num_thrown, num_visible)` ints.
 
-    `num_masked = int(N * mask_ratio)`, `num_thrown = int(N * throw_ratio)` (truncated, as in
-    SPEC's example: N = 196, 0.45 / 0.40 -> 88 / 78 / 30), `num_visible` = the rest.
+    - `rule="mae"` (MAE's `random_masking`): `num_visible = int(N * (1 - mask_ratio))`, the rest
+      masked; nothing thrown (`throw_ratio` must be 0).
+    - `rule="amt"` (AMT/FAMT): `num_masked = int(N * mask_ratio)`,
+      `num_thrown = int(N * (mask_ratio + throw_ratio)) - num_masked`, the rest visible.
+    - `rule=None`: "mae" without throwing, "amt" with it.
 
     Raises:
         ValueError: unless `num_tokens` is a positive int, both ratios are in [0, 1) with
@@ -113,14 +118,23 @@ def token_counts(num_tokens, mask_ratio, throw_ratio=0.0):
             f"`mask_ratio + throw_ratio` must be < 1 so that some tokens stay visible, got "
             f"{mask_ratio} + {throw_ratio} = {mask_ratio + throw_ratio}."
         )
+    if rule is None:
+        rule = "amt" if throw_ratio else "mae"
+    if rule not in COUNT_RULES:
+        raise ValueError(f"Unknown counting rule {rule!r}; choose one of {COUNT_RULES}.")
+    if rule == "mae" and throw_ratio:
+        raise ValueError(f"MAE's counting rule throws nothing; got throw_ratio={throw_ratio} (use rule='amt').")
     num_tokens = int(num_tokens)
-    num_masked = int(num_tokens * mask_ratio)
-    num_thrown = int(num_tokens * throw_ratio)
-    num_visible = num_tokens - num_masked - num_thrown
+    if rule == "mae":
+        num_visible = int(num_tokens * (1.0 - mask_ratio))
+        num_masked, num_thrown = num_tokens - num_visible, 0
+    else:
+        num_masked = int(num_tokens * mask_ratio)
+        num_thrown = int(num_tokens * (mask_ratio + throw_ratio)) - num_masked
+        num_visible = num_tokens - num_masked - num_thrown
     if mask_ratio > 0 and num_masked < 1:
         raise ValueError(
-            f"`mask_ratio`={mask_ratio} masks no token out of {num_tokens} "
-            f"(int({num_tokens} * {mask_ratio}) = 0); use a larger ratio or more tokens."
+            f"`mask_ratio`={mask_ratio} masks no token out of {num_tokens}; use a larger ratio or more tokens."
         )
     if num_visible < 1:
         raise ValueError(
@@ -212,7 +226,7 @@ def _sorted_slice(order, start, stop):
     return ops.cast(ops.sort(part, axis=1), "int32")
 
 
-def select_tokens(weights, mask_ratio, throw_ratio=0.0, seed=None, validate=True):
+def select_tokens(weights, mask_ratio, throw_ratio=0.0, seed=None, validate=True, rule=None):
     """Split the tokens into masked, thrown and visible sets by a weighted random draw.
 
     The first `num_masked` tokens of `draw_order(weights, seed)` are masked, the next `num_thrown`
@@ -226,6 +240,7 @@ def select_tokens(weights, mask_ratio, throw_ratio=0.0, seed=None, validate=True
         seed: int, `None` or a `keras.random.SeedGenerator`.
         validate: raise `ValueError` on NaN/inf/negative weights when they are concrete (NumPy or
             eager tensors); not possible inside traced functions, see `check_weights`.
+        rule: the counting rule of `token_counts` ("mae", "amt" or None).
 
     Returns:
         A `TokenSelection` of int32 tensors: `visible` `(B, num_visible)`, `masked`
@@ -234,7 +249,7 @@ def select_tokens(weights, mask_ratio, throw_ratio=0.0, seed=None, validate=True
     """
     weights = _as_weights(weights, validate)
     num_tokens = int(weights.shape[1])
-    num_masked, num_thrown, _ = token_counts(num_tokens, mask_ratio, throw_ratio)
+    num_masked, num_thrown, _ = token_counts(num_tokens, mask_ratio, throw_ratio, rule)
     order = draw_order(weights, seed, validate=False)
     cut = num_masked + num_thrown
     # rank[b, j] = position of token j in the draw (inverse permutation of `order`).

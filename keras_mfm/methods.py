@@ -36,6 +36,10 @@ class Method:
         importance: keeps an AMT/FAMT importance table (refreshed during training; needs
             `num_images` and the crop geometry of every training image).
         position_embedding: encoder position embedding the method uses (None: the preset's).
+        recipe: name of its authors' optimisation recipe (`optimization.RECIPES`).
+        init: its authors' ViT weight-init scheme (`keras_mfm.layers.initializers`).
+        encoder_options: further ViT settings of its authors' pre-training (SimMIM: layer scale
+            0.1, drop path 0.1).
     """
 
     name: str
@@ -44,6 +48,9 @@ class Method:
     tokens: bool = False
     importance: bool = False
     position_embedding: str = None
+    recipe: str = "mfm"
+    init: str = "mfm"
+    encoder_options: tuple = ()  # ((name, value), ...): a hashable dict
 
     def options(self):
         """Names of the builder's keyword arguments."""
@@ -53,13 +60,15 @@ class Method:
 _METHODS = {}
 
 
-def register_method(name, description, tokens=False, importance=False, position_embedding=None):
+def register_method(name, description, tokens=False, importance=False, position_embedding=None, recipe="mfm",
+                    init="mfm", encoder_options=None):
     """Decorator registering `builder(encoder, **options)` under `name`."""
 
     def decorate(builder):
         if name in _METHODS:
             raise ValueError(f"Method {name!r} is registered twice.")
-        _METHODS[name] = Method(name, description, builder, tokens, importance, position_embedding)
+        _METHODS[name] = Method(name, description, builder, tokens, importance, position_embedding, recipe, init,
+                                tuple(sorted((encoder_options or {}).items())))
         return builder
 
     return decorate
@@ -75,6 +84,18 @@ def get_method(name):
 def available_methods():
     """`{name: one-line description}` of every registered method."""
     return {name: method.description for name, method in sorted(_METHODS.items())}
+
+
+def encoder_defaults(name, backbone="vit"):
+    """The encoder settings method `name` pre-trains with (its authors'): for a ViT the init scheme,
+    position embedding and `encoder_options`; nothing for a ResNet (timm's network is the default)."""
+    method = get_method(name)
+    if not backbone.startswith("vit"):
+        return {}
+    defaults = {"init": method.init, **dict(method.encoder_options)}
+    if method.position_embedding:
+        defaults["position_embedding"] = method.position_embedding
+    return defaults
 
 
 def build_method(name, encoder, **options):
@@ -158,7 +179,10 @@ def _masked_autoencoder(name, importance):
     return build
 
 
-_MAE = dict(tokens=True, position_embedding="sincos")  # MAE's fixed 2-D sin-cos position embedding
+# MAE's fixed 2-D sin-cos position embedding, recipe and init
+_MAE = dict(tokens=True, position_embedding="sincos", recipe="mae", init="mae")
+# SimMIM's ViT-B pre-training config: layer scale 0.1, drop path 0.1, its recipe and init
+_SIMMIM = dict(tokens=True, recipe="simmim", init="simmim", encoder_options={"layer_scale": 0.1, "drop_path_rate": 0.1})
 build_mae = register_method("mae", "Masked autoencoder: reconstruct randomly masked patches (mask 0.75)", **_MAE)(
     _masked_autoencoder("mae", None))
 build_amt = register_method("amt", "AMT: attention-driven masking (0.45) and throwing (0.40) for MAE",
@@ -167,13 +191,13 @@ build_famt = register_method("famt", "FAMT: frequency- and attention-driven mask
                              importance=True, **_MAE)(_masked_autoencoder("famt", "famt"))
 
 
-@register_method("simmim", "SimMIM: mask tokens at the encoder input, L1 on masked pixels (mask 0.6)", tokens=True)
+@register_method("simmim", "SimMIM: mask tokens at the encoder input, L1 on masked pixels (mask 0.6)", **_SIMMIM)
 def build_simmim(encoder, mask_ratio=None, mask_patch_size=None, seed=None):
     mask_ratio, _ = _ratios("simmim", mask_ratio, None)
     return SimMIM(encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size, seed=seed, name="simmim")
 
 
-@register_method("simmim_famt", "SimMIM with FAMT masking (0.45) and throwing (0.40)", tokens=True, importance=True)
+@register_method("simmim_famt", "SimMIM with FAMT masking (0.45) and throwing (0.40)", importance=True, **_SIMMIM)
 def build_simmim_famt(encoder, mask_ratio=None, throw_ratio=None, seed=None, num_images=None):
     mask_ratio, throw_ratio = _ratios("simmim_famt", mask_ratio, throw_ratio)
     return SimMIM(encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, seed=seed, importance="famt",

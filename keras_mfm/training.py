@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from keras_mfm import backbones, data, distribution, methods, optimization
+from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
     CHECKPOINT,
     CHECKPOINT_STATE,
@@ -55,12 +56,14 @@ class PretrainConfig:
     epochs: int = 1
     steps_per_epoch: int = None  # None: one pass over the training split per epoch
     batch_size: int = 128
-    base_lr: float = 3e-4  # per 512 images
-    lr: float = None  # absolute; overrides base_lr * batch / 512
-    min_lr: float = 2.5e-6
-    warmup_epochs: float = None  # None: 1/15 of the epochs (20 of 300)
-    weight_decay: float = 0.05
-    clip_norm: float = 3.0
+    recipe: str = None  # optimisation recipe (optimization.RECIPES; None: the method's authors', e.g. mae for famt)
+    init: str = None  # ViT weight-init scheme (layers.initializers; None: the method's authors')
+    base_lr: float = None  # per reference batch of the recipe (None: the recipe's: mfm 3e-4 / 512, mae 1.5e-4 / 256)
+    lr: float = None  # absolute peak; overrides base_lr * batch / reference batch
+    min_lr: float = None  # absolute (None: the recipe's, scaled with the batch: mfm 2.5e-6 x B / 512, mae 0)
+    warmup_epochs: float = None  # None: the recipe's share of the run (mfm 20 of 300, mae 40 of 400)
+    weight_decay: float = None  # None: the recipe's (0.05)
+    clip_norm: float = None  # global gradient norm (None: the recipe's: mfm 3.0, mae none, simmim 5.0; 0: off)
     radius: float = None  # None: 16 / 224 * image size
     p_low: float = None  # None: 0.5 for ViT, 0.3 for ResNet-50
     outer_radius: float = None  # MFM band masks: r2 (None: plain low/high-pass)
@@ -113,14 +116,29 @@ class PretrainConfig:
 
 
 def build_encoder(config):
+    """The encoder of `config`, with its method's authors' settings (init scheme, position
+    embedding, SimMIM's layer scale and drop path) unless `config.init` overrides the scheme."""
     method = methods.get_method(config.method)
-    overrides = {} if config.depth is None else {"depth": config.depth}
     if method.tokens and not config.backbone.startswith("vit"):
         raise ValueError(f"--method {config.method} needs a ViT backbone (patch tokens), not {config.backbone!r}.")
-    if method.position_embedding:
-        overrides["position_embedding"] = method.position_embedding
+    overrides = methods.encoder_defaults(config.method, config.backbone)
+    if config.depth is not None:
+        overrides["depth"] = config.depth
+    if config.init is not None and config.backbone.startswith("vit"):
+        overrides["init"] = config.init
     patch = config.patch_size if config.backbone.startswith("vit") else None
     return backbones.get_backbone(config.backbone, config.image_size, patch_size=patch, **overrides)
+
+
+def recipe_of(config):
+    """The `optimization.Recipe` of `config`: the method's authors' recipe (or `config.recipe`),
+    with the settings `config` gives (`min_lr` is absolute there, per reference batch in a recipe)."""
+    recipe = optimization.get_recipe(config.recipe or methods.get_method(config.method).recipe)
+    min_lr = None if config.min_lr is None else config.min_lr * recipe.reference_batch_size / config.batch_size
+    return optimization.get_recipe(
+        recipe.name, base_lr=config.base_lr, lr=config.lr, min_lr=min_lr, weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+    )
 
 
 def refresh_schedule(config):
@@ -159,6 +177,10 @@ def validate(config):
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
+    if config.recipe is not None and config.recipe not in optimization.RECIPES:
+        raise ValueError(f"Unknown --recipe {config.recipe!r}; choose one of {', '.join(sorted(optimization.RECIPES))}.")
+    if config.init is not None and config.init not in INIT_SCHEMES:
+        raise ValueError(f"Unknown --init {config.init!r}; choose one of {', '.join(INIT_SCHEMES)}.")
     if config.precision not in PRECISIONS:
         raise ValueError(f"Unknown --precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}.")
     if config.backbone not in backbones.BACKBONE_PRESETS:
@@ -277,11 +299,8 @@ def _new_model(config, num_images, steps, total_steps):
     """The compiled pre-training model of a new run (call inside the replication scope)."""
     distribution.check_precision(keras.config.dtype_policy().name)
     model = build_model(config, num_images=num_images)
-    recipe = optimization.Recipe(
-        base_lr=config.base_lr, lr=config.lr, min_lr=config.min_lr,
-        weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-    )
-    warmup_epochs = config.epochs / 15 if config.warmup_epochs is None else config.warmup_epochs
+    recipe = recipe_of(config)
+    warmup_epochs = config.epochs * recipe.warmup_fraction if config.warmup_epochs is None else config.warmup_epochs
     optimizer = optimization.build_optimizer(
         model, recipe, config.batch_size, total_steps, warmup_steps=int(round(warmup_epochs * steps))
     )
@@ -308,7 +327,7 @@ def _train(config, resume, replication):
     if resume and os.path.isfile(checkpoint):
         with replication.scope():
             model, state = load_checkpoint(checkpoint)
-        optimization.exclude_from_weight_decay(model, model.optimizer)
+        optimization.exclude_from_weight_decay(model, model.optimizer, recipe_of(config).no_decay_names)
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
         if initial_step:
             progress = EpochProgress(initial_epoch, initial_step, state["epoch_loss"])
@@ -327,6 +346,8 @@ def _train(config, resume, replication):
         "class_names": train_split.class_names,
         "steps_per_epoch": steps,
         "learning_rate": _learning_rate_record(model.optimizer),
+        "recipe": recipe_of(config).to_json(),
+        "init": getattr(model.encoder, "init", None),
         "encoder_parameters": int(model.encoder.count_params()),
         "precision": model.dtype_policy.name,
         "loss_scaling": isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),

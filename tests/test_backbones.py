@@ -1,3 +1,4 @@
+import math
 import os
 
 import keras
@@ -138,8 +139,9 @@ def test_vit_bad_input():
         backbones.get_backbone("resnet50", image_size=64, patch_size=16)
 
 
-def test_resnet50_shapes_and_round_trip(tmp_path):
-    model = backbones.get_backbone("resnet50", image_size=64)
+def test_resnet50_v1_shapes_and_round_trip(tmp_path):
+    model = backbones.get_backbone("resnet50_v1", image_size=64)
+    assert model.variant == "v1" and not model.zero_init_last_bn
     x = images(2, 64)
     features = model(x)
     assert tuple(features.shape) == (2, 2, 2, 2048)
@@ -178,7 +180,7 @@ def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, backbones.ResNetBackbone) and loaded.variant == "v1.5"
     np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(features), atol=1e-5)
-    assert backbones.ResNetBackbone(image_size=32).variant == "v1"  # the default is unchanged
+    assert backbones.ResNetBackbone(image_size=32).variant == "v1.5"  # the default: MFM's network
     with pytest.raises(ValueError, match="Unknown ResNet variant"):
         backbones.ResNetBackbone(image_size=32, variant="v2")
 
@@ -219,7 +221,7 @@ def test_resnet50_v1_is_keras_application_on_fused_layers():
     holds the fused kernels to Keras' own layers over the whole network."""
     from keras_mfm.layers import fused
 
-    ours = backbones.ResNetBackbone(image_size=64)
+    ours = backbones.ResNetBackbone(image_size=64, variant="v1")
     app = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
     assert [layer.name for layer in ours.resnet.layers[1:]] == [layer.name for layer in app.layers[1:]]
     kinds = {type(layer) for layer in ours.resnet.layers}
@@ -274,3 +276,22 @@ def test_call_sublayer_skips_keras_call_only_without_autocast(monkeypatch):
     mixed.build((None, 3, 8))
     out = call_sublayer(mixed, mixed.fc1, x)
     assert calls == ["fc1"] and keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+
+
+def test_resnet50_default_is_timm_v1_5_with_zero_init_last_bn():
+    """MFM's ResNet-50 is timm's: v1.5, and the last BatchNorm of each of the 16 bottlenecks starts
+    at gamma = 0 (`zero_init_last_bn`), so every residual block starts as its shortcut."""
+    model = backbones.get_backbone("resnet50", image_size=32)
+    assert model.variant == "v1.5" and model.zero_init_last_bn
+    last_bns = [layer for layer in model.resnet.layers if layer.name.endswith("_3_bn")]
+    assert len(last_bns) == 16
+    for layer in model.resnet.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma = to_numpy(layer.gamma)
+            np.testing.assert_array_equal(gamma, 0.0 if layer in last_bns else 1.0)
+    # He-normal fan-out convolution kernels (timm): std sqrt(2 / (k * k * out))
+    kernel = to_numpy(model.resnet.get_layer("conv4_block2_2_conv").kernel)
+    assert np.std(kernel) == pytest.approx(math.sqrt(2 / (3 * 3 * 256)), rel=0.02)
+    plain = backbones.ResNetBackbone(image_size=32, zero_init_last_bn=False)
+    assert np.all(to_numpy(plain.resnet.get_layer("conv2_block1_3_bn").gamma) == 1.0)
+    assert backbones.ResNetBackbone.from_config(model.get_config()).zero_init_last_bn

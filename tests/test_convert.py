@@ -341,8 +341,8 @@ def test_wrong_architecture_depth_and_shapes():
     # presets are checked before the (large) encoder is built
     with pytest.raises(ConversionError, match=r"holds a ViT .*but the encoder is a ResNetBackbone"):
         convert_checkpoint(state, "resnet50_v1_5", image_size=32)
-    with pytest.raises(ConversionError, match=r"Keras' ResNet-50 v1 .*--backbone resnet50_v1_5"):
-        convert_checkpoint(resnet_like_state(), "resnet50", image_size=32)
+    with pytest.raises(ConversionError, match=r"Keras' ResNet-50 v1 .*--backbone resnet50 "):
+        convert_checkpoint(resnet_like_state(), "resnet50_v1", image_size=32)
     with pytest.raises(ConversionError, match=r"Swin Transformer"):
         convert_checkpoint({"layers.0.blocks.0.norm1.weight": torch.ones(4)}, "vit_tiny", **VIT)
 

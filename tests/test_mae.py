@@ -57,9 +57,15 @@ def test_loss_is_mse_on_masked_patches_only():
 
 def test_norm_pix_targets_are_standardised_per_patch():
     model = tiny_mae(norm_pix_loss=True)
-    target = to_numpy(model.target(smooth_images(2, 16)))
+    images = smooth_images(2, 16)
+    target = to_numpy(model.target(images))
     np.testing.assert_allclose(target.mean(-1), 0, atol=1e-4)
-    np.testing.assert_allclose(target.var(-1), 1, atol=2e-2)
+    # MAE's formula: `(x - mean) / (var + 1e-6) ** 0.5` with torch's unbiased `var` (n - 1)
+    normalised = (images.astype("float64") - np.array(model.encoder.mean)) / np.array(model.encoder.std)
+    patches = normalised.reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 48)
+    mean, var = patches.mean(-1, keepdims=True), patches.var(-1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(target, (patches - mean) / (var + 1e-6) ** 0.5, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(target.var(-1, ddof=1), 1, atol=2e-2)
 
 
 def test_thrown_patches_change_neither_loss_nor_gradients():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_mfm import masking
+from keras_mfm import backbones, masking
 from tests.conftest import BACKEND, to_numpy
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +114,50 @@ def test_token_counts_spec_numbers():
     assert masking.token_counts(196, 0.75) == (147, 0, 49)
     assert masking.token_counts(196, 0.75, 0.0) == (147, 0, 49)
     assert masking.token_counts(64, 0.75) == (48, 0, 16)
-    # truncation, not rounding: int(10 * 0.75) = 7
-    assert masking.token_counts(10, 0.75) == (7, 0, 3)
+    # MAE keeps int(N (1 - r)) = int(2.5) = 2 of 10 (and masks 8); AMT's rule masks int(N r) = 7
+    assert masking.token_counts(10, 0.75) == (8, 0, 2)
+    assert masking.token_counts(10, 0.75, rule="amt") == (7, 0, 3)
     assert masking.token_counts(16, 0.0, 0.5) == (0, 8, 8)
+    assert masking.token_counts(64, 0.45, 0.40) == (28, 26, 10)
+    assert masking.token_counts(49, 0.75) == (37, 0, 12)
+    with pytest.raises(ValueError, match="throws nothing"):
+        masking.token_counts(64, 0.45, 0.40, rule="mae")
+    with pytest.raises(ValueError, match="Unknown counting rule"):
+        masking.token_counts(64, 0.45, 0.40, rule="famt")
+
+
+def _authors_counts(num_tokens, mask_ratio, throw_ratio):
+    """The authors' code, restated: MAE's `random_masking` (`len_keep = int(L * (1 - mask_ratio))`)
+    without throwing; AMT's `len_mask_tail = int(L * mask_ratio)`, `len_keep_head =
+    int(L * (mask_ratio + throw_ratio))` with it."""
+    if throw_ratio == 0:
+        keep = int(num_tokens * (1 - mask_ratio))
+        return num_tokens - keep, 0, keep
+    tail, head = int(num_tokens * mask_ratio), int(num_tokens * (mask_ratio + throw_ratio))
+    return tail, head - tail, num_tokens - head
+
+
+@pytest.mark.parametrize("num_tokens", [49, 64, 196, 256])
+@pytest.mark.parametrize("ratios", [(0.75, 0.0), (0.45, 0.40), (0.44, 0.26), (0.6, 0.0)])
+def test_token_counts_are_the_authors(num_tokens, ratios):
+    assert masking.token_counts(num_tokens, *ratios) == _authors_counts(num_tokens, *ratios)
+
+
+def test_models_use_the_authors_counts():
+    """MAE masks 37 of 49 (not 36); FAMT at N = 64 masks 28, throws 26, keeps 10; its random
+    warm-up masks with MAE's rule."""
+    from keras_mfm.models.mae import MAE
+
+    def model(size, **options):
+        encoder = backbones.ViTBackbone(image_size=size, patch_size=4, hidden_dim=16, depth=1, num_heads=2)
+        return MAE(encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2, **options)
+
+    assert model(28).counts == (37, 0, 12)
+    famt = model(32, mask_ratio=0.45, throw_ratio=0.40, importance="famt", num_images=4)
+    assert famt.counts == (28, 26, 10)
+    famt.build()
+    warmup = famt.select(np.zeros((2, 32, 32, 3), "float32"))
+    assert tuple(warmup.masked.shape) == (2, 48) and tuple(warmup.visible.shape) == (2, 16)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +169,8 @@ def test_token_counts_spec_numbers():
         (196, 0.5, -0.2),
         (196, 1.0, 0.0),
         (196, float("nan"), 0.0),
-        (4, 0.1, 0.0),  # positive ratio masking no token
+        (4, 0.1, 0.0, "amt"),  # positive ratio masking no token (MAE's rule masks 4 - int(3.6) = 1)
+        (4, 0.1, 0.1),
         (0, 0.5, 0.0),
         (16.0, 0.5, 0.0),
     ],

@@ -66,8 +66,9 @@ def test_bad_schedule_arguments():
         optimization.warmup_cosine_schedule(0.0, 10, 2)
 
 
-def numpy_adamw(weights, grads_per_step, lrs, weight_decay, decayed, beta_1, beta_2, eps, clip):
-    """The recipe's update written from the formulas: global-norm clipping, decoupled decay, Adam."""
+def numpy_adamw(weights, grads_per_step, lrs, weight_decay, decayed, beta_1, beta_2, eps, clip, torch_eps=True):
+    """The recipe's update written from the formulas: global-norm clipping, decoupled decay, Adam
+    (epsilon after the bias correction as PyTorch, or before it as Keras with `torch_eps=False`)."""
     weights = [w.astype("float64").copy() for w in weights]
     m = [np.zeros_like(w) for w in weights]
     v = [np.zeros_like(w) for w in weights]
@@ -81,20 +82,48 @@ def numpy_adamw(weights, grads_per_step, lrs, weight_decay, decayed, beta_1, bet
                 weights[i] *= 1 - lr * weight_decay
             m[i] = beta_1 * m[i] + (1 - beta_1) * g
             v[i] = beta_2 * v[i] + (1 - beta_2) * g**2
-            alpha = lr * math.sqrt(1 - beta_2**step) / (1 - beta_1**step)
-            weights[i] -= alpha * m[i] / (np.sqrt(v[i]) + eps)
+            if torch_eps:
+                weights[i] -= lr * (m[i] / (1 - beta_1**step)) / (np.sqrt(v[i] / (1 - beta_2**step)) + eps)
+            else:
+                alpha = lr * math.sqrt(1 - beta_2**step) / (1 - beta_1**step)
+                weights[i] -= alpha * m[i] / (np.sqrt(v[i]) + eps)
     return weights
 
 
-@pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_adamw_matches_keras_and_numpy_reference(clip, monkeypatch):
-    """`optimization.AdamW` (PyTorch: one fused kernel) == `keras.optimizers.AdamW` == the formulas,
-    over steps where clipping acts and where it does not, with excluded variables and a schedule."""
-    rng = np.random.default_rng(0)
+def _run_optimizer(make, start, grads, fused=None, monkeypatch=None):
+    """Applies `grads` (a list per step) with `make()` to fresh variables; `fused=False` forces
+    the plain Keras path on PyTorch. Returns (weights, optimizer)."""
+    variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(start)]
+    optimizer = make()
+    if fused is False:
+        monkeypatch.setattr(optimizer, "_fused_path", lambda: False)
+    optimizer.build(variables)
+    optimizer.exclude_from_weight_decay(var_list=[variables[1]])
+    for step_grads in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in step_grads], variables)
+    return [to_numpy(v) for v in variables], optimizer
+
+
+def _grads(seed=0, steps=6, small=False):
+    rng = np.random.default_rng(seed)
     shapes = [(5, 4), (4,), (3, 3, 2)]
     start = [rng.standard_normal(s).astype("float32") for s in shapes]
-    grads = [[(rng.standard_normal(s) * (3.0 if t % 2 else 0.05)).astype("float32") for s in shapes]
-             for t in range(6)]
+    # `small`: gradients of 1e-5..1e-4, as attention weights get at initialisation, where the
+    # epsilon convention decides the update.
+    scale = (lambda t: 1e-4 if t % 2 else 1e-5) if small else (lambda t: 3.0 if t % 2 else 0.05)
+    grads = [[(rng.standard_normal(s) * scale(t)).astype("float32") for s in shapes] for t in range(steps)]
+    return start, grads
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_adamw_matches_numpy_reference_and_keras_convention(clip, fused, monkeypatch):
+    """`optimization.AdamW` == the formulas with PyTorch's epsilon; with `bias_corrected_epsilon=False`
+    == `keras.optimizers.AdamW`; over steps where clipping acts and where it does not, with excluded
+    variables and a schedule, on the fused PyTorch path and on Keras' plain path."""
+    if fused and BACKEND != "torch":
+        pytest.skip("the fused path exists on the PyTorch backend only")
+    start, grads = _grads()
     schedule = optimization.warmup_cosine_schedule(1e-2, 20, 3)
     calls = []
     if BACKEND == "torch":
@@ -102,32 +131,72 @@ def test_adamw_matches_keras_and_numpy_reference(clip, monkeypatch):
 
         original = fused_adamw_torch.adamw_step
         monkeypatch.setattr(fused_adamw_torch, "adamw_step", lambda *a, **k: calls.append(1) or original(*a, **k))
-
-    def run(cls):
-        variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(start)]
-        optimizer = cls(learning_rate=schedule, weight_decay=0.05, beta_1=0.9, beta_2=0.95,
-                        global_clipnorm=clip or None)
-        optimizer.build(variables)
-        optimizer.exclude_from_weight_decay(var_list=[variables[1]])
-        for step_grads in grads:
-            optimizer.apply([keras.ops.convert_to_tensor(g) for g in step_grads], variables)
-        return [to_numpy(v) for v in variables], optimizer
-
-    keras_weights, _ = run(keras.optimizers.AdamW)
-    ours, optimizer = run(optimization.AdamW)
+    options = dict(learning_rate=schedule, weight_decay=0.05, beta_1=0.9, beta_2=0.95, global_clipnorm=clip or None)
+    ours, optimizer = _run_optimizer(lambda: optimization.AdamW(**options), start, grads, fused, monkeypatch)
+    assert optimizer.epsilon == 1e-8 and optimizer.bias_corrected_epsilon
     lrs = [float(to_numpy(schedule(t))) for t in range(len(grads))]
-    expected = numpy_adamw(start, grads, lrs, 0.05, [True, False, True], 0.9, 0.95, optimizer.epsilon, clip)
-    for got, keras_value, want in zip(ours, keras_weights, expected):
-        np.testing.assert_allclose(got, keras_value, atol=2e-7)
+    expected = numpy_adamw(start, grads, lrs, 0.05, [True, False, True], 0.9, 0.95, 1e-8, clip)
+    for got, want in zip(ours, expected):
         np.testing.assert_allclose(got, want, atol=2e-6)
     assert int(to_numpy(optimizer.iterations)) == len(grads)
-    assert len(calls) == (len(grads) if BACKEND == "torch" else 0)  # the fused path ran on PyTorch
+    assert len(calls) == (len(grads) if fused else 0)  # the fused path ran iff asked
+    # Keras' convention on request, equal to Keras' own AdamW
+    keras_options = dict(options, epsilon=1e-7)
+    keras_weights, _ = _run_optimizer(lambda: keras.optimizers.AdamW(**keras_options), start, grads)
+    ours_keras, _ = _run_optimizer(
+        lambda: optimization.AdamW(bias_corrected_epsilon=False, **keras_options), start, grads, fused, monkeypatch)
+    keras_expected = numpy_adamw(start, grads, lrs, 0.05, [True, False, True], 0.9, 0.95, 1e-7, clip, torch_eps=False)
+    for got, keras_value, want in zip(ours_keras, keras_weights, keras_expected):
+        np.testing.assert_allclose(got, keras_value, atol=2e-7)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_default_optimizer_equals_torch_adamw(clip, fused, monkeypatch):
+    """The library's default optimiser, 5 steps, against `torch.optim.AdamW(eps=1e-8)` (+
+    `clip_grad_norm_`, as both authors' codes) with the same weights, gradients and learning
+    rates: the update of every variable within 1e-4 (relative), also for the small gradients
+    where Keras' own epsilon convention is 10-40 % off."""
+    torch = pytest.importorskip("torch")
+    if fused and BACKEND != "torch":
+        pytest.skip("the fused path exists on the PyTorch backend only")
+    for small in (False, True):
+        start, grads = _grads(seed=1, steps=5, small=small)
+        # weights of 0.01 (float32 keeps their updates to ~1e-6); clipping only where the global
+        # norm is >> 1e-6 (PyTorch's `clip_grad_norm_` divides by `norm + 1e-6`, Keras by `norm`)
+        start = [w * 0.01 for w in start]
+        clip_norm = 0.0 if small else clip
+        lrs = [1e-3 * (t + 1) / 5 for t in range(5)]
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(list(range(4)), lrs)  # step t -> lrs[t]
+        ours, _ = _run_optimizer(
+            lambda: optimization.AdamW(learning_rate=schedule, weight_decay=0.05, beta_1=0.9, beta_2=0.95,
+                                       global_clipnorm=clip_norm or None),
+            start, grads, fused, monkeypatch)
+        params = [torch.nn.Parameter(torch.tensor(w, dtype=torch.float64)) for w in start]
+        reference = torch.optim.AdamW([
+            {"params": [params[0], params[2]], "weight_decay": 0.05},
+            {"params": [params[1]], "weight_decay": 0.0},
+        ], lr=lrs[0], betas=(0.9, 0.95), eps=1e-8)
+        for step_grads, lr in zip(grads, lrs):
+            for group in reference.param_groups:
+                group["lr"] = lr
+            for p, g in zip(params, step_grads):
+                p.grad = torch.tensor(g, dtype=torch.float64)
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            reference.step()
+        for got, p, w0 in zip(ours, params, start):
+            want = p.detach().numpy() - w0
+            update = got.astype("float64") - w0
+            assert np.linalg.norm(update - want) <= 1e-4 * np.linalg.norm(want), (small, clip)
 
 
 def test_adamw_options_outside_the_fused_path_still_apply():
     """Per-variable `clipnorm` is not fused: it must take Keras' path and still clip."""
     variable = keras.Variable(np.zeros((3,), "float32"))
-    ours = optimization.AdamW(learning_rate=0.1, weight_decay=0.0, clipnorm=1e-3)
+    ours = optimization.AdamW(learning_rate=0.1, weight_decay=0.0, clipnorm=1e-3, epsilon=1e-7,
+                              bias_corrected_epsilon=False)
     plain = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.0, clipnorm=1e-3)
     other = keras.Variable(np.zeros((3,), "float32"))
     grad = np.array([1.0, -2.0, 3.0], "float32")

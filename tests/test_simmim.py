@@ -101,9 +101,10 @@ def famt_simmim(num_images=4):
 def test_famt_variant_counts_and_warmup():
     model = famt_simmim()
     images = smooth_images(3, 16)
-    # before the first refresh: random patch masking at SimMIM's 0.6, nothing thrown
+    # before the first refresh: random patch masking at SimMIM's 0.6, nothing thrown; MAE's rule
+    # keeps int(16 * 0.4) = 6 and masks 10 (= SimMIM's own ceil(0.6 * 16))
     masking = model.draw(images)
-    assert to_numpy(masking.masked).shape == (3, 9) and to_numpy(masking.token_indices).shape == (3, 16)
+    assert to_numpy(masking.masked).shape == (3, 10) and to_numpy(masking.token_indices).shape == (3, 16)
     model.set_importance(np.random.default_rng(0).random((4, 16)).astype("float32") + 0.1)
     masking = model.draw(images, importance=np.ones((3, 16), "float32"))
     # 0.45 / 0.40 of 16: 7 masked, 6 thrown, 3 visible; the encoder sees 3 + 7

@@ -12,8 +12,9 @@ BACKBONE_PRESETS = {
     "vit_tiny": (ViTBackbone, {"hidden_dim": 192, "depth": 12, "num_heads": 3}),
     "vit_small": (ViTBackbone, {"hidden_dim": 384, "depth": 12, "num_heads": 6}),
     "vit_base": (ViTBackbone, {"hidden_dim": 768, "depth": 12, "num_heads": 12}),
-    "resnet50": (ResNetBackbone, {}),  # Keras' ResNet v1
-    "resnet50_v1_5": (ResNetBackbone, {"variant": "v1.5"}),  # torchvision's / timm's (PyTorch checkpoints)
+    "resnet50": (ResNetBackbone, {"variant": "v1.5"}),  # timm's (MFM's): v1.5, last BN of each block at 0
+    "resnet50_v1_5": (ResNetBackbone, {"variant": "v1.5"}),  # the same network, by its variant's name
+    "resnet50_v1": (ResNetBackbone, {"variant": "v1"}),  # Keras' application, ResNet v1
 }
 
 
@@ -21,8 +22,8 @@ def get_backbone(name, image_size=224, patch_size=None, **kwargs):
     """Builds a preset encoder by name.
 
     Args:
-        name: one of `BACKBONE_PRESETS` (`vit_tiny`, `vit_small`, `vit_base`, `resnet50`,
-            `resnet50_v1_5`).
+        name: one of `BACKBONE_PRESETS` (`vit_tiny`, `vit_small`, `vit_base`, `resnet50` = `resnet50_v1_5`
+            (timm's v1.5, MFM's), `resnet50_v1` (Keras' application)).
         image_size: int or (H, W).
         patch_size: ViT patch size (default 16); must be None for ResNet-50.
         **kwargs: overrides of the preset's arguments (e.g. `depth=6`, `drop_path_rate=0.1`).

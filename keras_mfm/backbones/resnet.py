@@ -2,15 +2,17 @@
 
 images `(B, H, W, 3)` in [0, 1] -> feature map `(B, H / 32, W / 32, 2048)`.
 
-- `"v1"` (default, preset `resnet50`): `keras.applications.ResNet50(weights=None, include_top=False)`,
+- `"v1.5"` (default, presets `resnet50` and `resnet50_v1_5`): timm's and torchvision's ResNet-50,
+  the one MFM pre-trains and that `keras_mfm.convert` loads PyTorch checkpoints into: a
+  downsampling block strides in its 3x3 convolution, which is zero-padded by 1 on every side as in
+  PyTorch (Keras' `"same"` would pad only bottom/right at even sizes), convolutions have no bias,
+  BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's 0.1), He-normal (fan-out) convolution
+  kernels, and, as timm's `zero_init_last_bn`, the last BatchNorm of every residual block starts
+  at gamma = 0 (each block starts as the identity). Same layer names as Keras' application
+  (`conv1_conv`, `conv2_block1_1_conv`, ..., `conv5_block3_out`).
+- `"v1"` (preset `resnet50_v1`): `keras.applications.ResNet50(weights=None, include_top=False)`,
   the original ResNet v1: a downsampling block strides in its first 1x1 convolution, convolutions
-  have biases, BatchNorm epsilon 1.001e-5.
-- `"v1.5"` (preset `resnet50_v1_5`): torchvision's and timm's ResNet-50, the one MFM pre-trains
-  and that `keras_mfm.convert` loads PyTorch checkpoints into: a downsampling block strides in its
-  3x3 convolution, which is zero-padded by 1 on every side as in PyTorch (Keras' `"same"` would pad
-  only bottom/right at even sizes), convolutions have no bias, BatchNorm epsilon 1e-5 and momentum
-  0.9 (PyTorch's 0.1), He-normal (fan-out) convolution kernels. Same layer names as Keras'
-  application (`conv1_conv`, `conv2_block1_1_conv`, ..., `conv5_block3_out`).
+  have biases, BatchNorm epsilon 1.001e-5, Keras' initialisation.
 
 Both take and return channels-last tensors and are built from `keras_mfm.layers.fused`'s
 `Conv2D` / `BatchNormalization` (Keras' layers, with the same names and weights; on PyTorch they
@@ -39,12 +41,13 @@ def _conv(filters, kernel_size, strides, name, padding="valid"):
     )
 
 
-def _batch_norm(name):
+def _batch_norm(name, zero_gamma=False):
     axis = 1 if keras.config.image_data_format() == "channels_first" else -1
-    return BatchNormalization(axis=axis, epsilon=1e-5, momentum=0.9, name=name)
+    return BatchNormalization(axis=axis, epsilon=1e-5, momentum=0.9, name=name,
+                              gamma_initializer="zeros" if zero_gamma else "ones")
 
 
-def _bottleneck_v1_5(x, filters, strides, project, name):
+def _bottleneck_v1_5(x, filters, strides, project, name, zero_init_last_bn=True):
     """1x1 -> 3x3 (strided) -> 1x1 (x4 channels), + the identity or a strided 1x1 projection."""
     shortcut = x
     if project:
@@ -61,7 +64,7 @@ def _bottleneck_v1_5(x, filters, strides, project, name):
     x = _batch_norm(f"{name}_2_bn")(x)
     x = layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = _conv(4 * filters, 1, 1, f"{name}_3_conv")(x)
-    x = _batch_norm(f"{name}_3_bn")(x)
+    x = _batch_norm(f"{name}_3_bn", zero_gamma=zero_init_last_bn)(x)
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -91,8 +94,9 @@ def resnet50_v1(input_shape, name="resnet50"):
     )
 
 
-def resnet50_v1_5(input_shape, name="resnet50_v1_5"):
-    """torchvision's ResNet-50 (v1.5) without pooling and classifier, as a functional Keras model."""
+def resnet50_v1_5(input_shape, name="resnet50_v1_5", zero_init_last_bn=True):
+    """timm's / torchvision's ResNet-50 (v1.5) without pooling and classifier, as a functional Keras
+    model; `zero_init_last_bn`: gamma = 0 in each block's last BatchNorm (timm's default)."""
     inputs = keras.Input(shape=input_shape, name="input_layer")
     x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
     x = _conv(64, 7, 2, "conv1_conv")(x)
@@ -103,7 +107,8 @@ def resnet50_v1_5(input_shape, name="resnet50_v1_5"):
     for stage, (filters, blocks, strides) in enumerate(RESNET50_STAGES, start=2):
         for block in range(1, blocks + 1):
             x = _bottleneck_v1_5(
-                x, filters, strides if block == 1 else 1, project=block == 1, name=f"conv{stage}_block{block}"
+                x, filters, strides if block == 1 else 1, project=block == 1, name=f"conv{stage}_block{block}",
+                zero_init_last_bn=zero_init_last_bn,
             )
     return keras.Model(inputs, x, name=name)
 
@@ -115,16 +120,18 @@ class ResNetBackbone(Backbone):
     Args:
         image_size: int or (H, W), each a multiple of 32 and at least 32.
         mean, std: input normalisation (see `Backbone`).
-        variant: `"v1"` (Keras' application, the default) or `"v1.5"` (torchvision's / timm's
-            layout; see the module docstring).
+        variant: `"v1.5"` (timm's / torchvision's, the default: MFM's network) or `"v1"` (Keras'
+            application); see the module docstring.
+        zero_init_last_bn: v1.5 only: start each block's last BatchNorm at gamma = 0 (timm's
+            default, which MFM trains with; True) or 1.
         data_format: the layout the network runs in internally, `"channels_last"`,
             `"channels_first"` or None (the default, channels-last; resolved when the model is
             built, so a saved model follows the loading library's default). Inputs and outputs
             are channels-last either way.
     """
 
-    def __init__(self, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, variant="v1",
-                 data_format=None, **kwargs):
+    def __init__(self, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, variant="v1.5",
+                 data_format=None, zero_init_last_bn=True, **kwargs):
         super().__init__(image_size=image_size, mean=mean, std=std, **kwargs)
         height, width = self.image_size
         if height % 32 or width % 32:
@@ -134,6 +141,7 @@ class ResNetBackbone(Backbone):
         if variant not in VARIANTS:
             raise ValueError(f"Unknown ResNet variant {variant!r}; choose one of {VARIANTS}.")
         self.variant = variant
+        self.zero_init_last_bn = bool(zero_init_last_bn) and variant == "v1.5"
         if data_format not in DATA_FORMATS + (None,):
             raise ValueError(f"Unknown data_format {data_format!r}; choose one of {DATA_FORMATS} or None.")
         self.data_format = data_format
@@ -146,7 +154,7 @@ class ResNetBackbone(Backbone):
             if variant == "v1":
                 self.resnet = resnet50_v1(input_shape)
             else:
-                self.resnet = resnet50_v1_5(input_shape)
+                self.resnet = resnet50_v1_5(input_shape, zero_init_last_bn=self.zero_init_last_bn)
         finally:
             keras.config.set_image_data_format(saved_format)
 
@@ -186,4 +194,5 @@ class ResNetBackbone(Backbone):
         config = super().get_config()
         config["variant"] = self.variant
         config["data_format"] = self.data_format
+        config["zero_init_last_bn"] = self.zero_init_last_bn
         return config

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Conv2D, LayerNormalization
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
@@ -30,9 +31,14 @@ class ViTBackbone(Backbone):
         patch_size: patch side `p` (16 for ViT-B/16; 4 suits 32x32 images).
         hidden_dim, depth, num_heads, mlp_ratio: the width `D`, number of blocks, heads, MLP ratio.
         qkv_bias: bias in the fused qkv projection.
-        position_embedding: `"learned"` (truncated normal, std 0.02) or `"sincos"` (fixed 2-D).
+        position_embedding: `"learned"` or `"sincos"` (fixed 2-D).
         drop_path_rate: stochastic depth, linearly increasing from 0 to this rate over the blocks
-            (0 for pre-training, 0.1 for fine-tuning).
+            (0 for MFM/MAE pre-training, 0.1 for SimMIM's and for fine-tuning).
+        init: weight-init scheme of new weights, `"mae"` (xavier-uniform), `"mfm"` or `"simmim"`
+            (BEiT's truncated normal with rescaled residual branches); see
+            `keras_mfm.layers.initializers`. Each pre-training method picks its authors' scheme.
+        layer_scale: initial per-channel layer scale of the residual branches (SimMIM: 0.1), or
+            None for none.
         layer_norm_epsilon: epsilon of every LayerNorm.
         mean, std: input normalisation (see `Backbone`).
     """
@@ -49,6 +55,8 @@ class ViTBackbone(Backbone):
         position_embedding="learned",
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        init="mae",
+        layer_scale=None,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         **kwargs,
@@ -82,14 +90,18 @@ class ViTBackbone(Backbone):
         self.position_embedding_type = position_embedding
         self.drop_path_rate = float(drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.init = initializers.check_scheme(init)
+        self.layer_scale = None if layer_scale is None else float(layer_scale)
 
         policy = self.dtype_policy
+        kernel_init, bias_init = initializers.patch_embedding(init, patch_size, 3, self.hidden_dim)
         self.patch_embedding = Conv2D(
             self.hidden_dim,
             patch_size,
             strides=patch_size,
             padding="valid",
-            kernel_initializer=keras.initializers.GlorotUniform(),
+            kernel_initializer=kernel_init,
+            bias_initializer=bias_init,
             dtype=policy,
             name="patch_embedding",
         )
@@ -102,6 +114,9 @@ class ViTBackbone(Backbone):
                 self.qkv_bias,
                 drop_path_rate=rate,
                 layer_norm_epsilon=self.layer_norm_epsilon,
+                init=self.init,
+                layer_id=i + 1,
+                layer_scale=self.layer_scale,
                 dtype=policy,
                 name=f"block_{i}",
             )
@@ -133,14 +148,14 @@ class ViTBackbone(Backbone):
         self.patch_embedding.build((None, height, width, 3))
         self.cls_token = self.add_weight(
             shape=(1, 1, self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            initializer=initializers.token(self.init),
             name="cls_token",
         )
         num_positions = 1 + self.num_patches
         if self.position_embedding_type == "learned":
             self.position_embedding = self.add_weight(
                 shape=(1, num_positions, self.hidden_dim),
-                initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                initializer=initializers.token(self.init),
                 name="position_embedding",
             )
         else:
@@ -248,6 +263,8 @@ class ViTBackbone(Backbone):
                 "position_embedding": self.position_embedding_type,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "init": self.init,
+                "layer_scale": self.layer_scale,
             }
         )
         return config

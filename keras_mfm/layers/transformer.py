@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Dense, LayerNormalization
 
 
@@ -47,7 +48,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     (64, 3 heads, 65 tokens, 64): 10.1 ms against 15.7 ms on two cores; `benchmarks/throughput.py`).
     """
 
-    def __init__(self, hidden_dim, num_heads, qkv_bias=True, **kwargs):
+    def __init__(self, hidden_dim, num_heads, qkv_bias=True, init="mae", layer_id=None, **kwargs):
         super().__init__(**kwargs)
         if hidden_dim % num_heads:
             raise ValueError(
@@ -57,13 +58,15 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.num_heads = num_heads
         self.qkv_bias = qkv_bias
         self.head_dim = hidden_dim // num_heads
-        init = keras.initializers.GlorotUniform()
+        self.init = initializers.check_scheme(init)
+        self.layer_id = layer_id
         self.qkv = Dense(
-            3 * hidden_dim, use_bias=qkv_bias, kernel_initializer=init, dtype=self.dtype_policy,
-            name="qkv",
+            3 * hidden_dim, use_bias=qkv_bias, kernel_initializer=initializers.linear_kernel(init),
+            dtype=self.dtype_policy, name="qkv",
         )
         self.proj = Dense(
-            hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="proj"
+            hidden_dim, kernel_initializer=initializers.linear_kernel(init, layer_id), dtype=self.dtype_policy,
+            name="proj",
         )
 
     def build(self, input_shape):
@@ -108,19 +111,23 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {"hidden_dim": self.hidden_dim, "num_heads": self.num_heads, "qkv_bias": self.qkv_bias}
-        )
+        config.update({
+            "hidden_dim": self.hidden_dim, "num_heads": self.num_heads, "qkv_bias": self.qkv_bias,
+            "init": self.init, "layer_id": self.layer_id,
+        })
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
 class TransformerBlock(keras.layers.Layer):
-    """Pre-norm block: `x + DropPath(Attn(LN(x)))`, then `x + DropPath(MLP(LN(x)))`.
+    """Pre-norm block: `x + DropPath(g1 * Attn(LN(x)))`, then `x + DropPath(g2 * MLP(LN(x)))`.
 
     `(B, T, D) -> (B, T, D)`; MLP is Dense(mlp_ratio * D) -> GELU (exact) -> Dense(D).
     Drop path (stochastic depth) drops the residual branch per sample (a `Dropout` whose noise is
-    shared over tokens and channels).
+    shared over tokens and channels). `g1`, `g2` are per-channel layer scales `(D,)` initialised
+    to `layer_scale` (CaiT/BEiT; SimMIM's 0.1), absent (1) when `layer_scale` is None.
+    `init` is the weight-init scheme (`keras_mfm.layers.initializers`) and `layer_id` the 1-based
+    index of the block, which the `"mfm"`/`"simmim"` schemes use to scale the residual outputs.
     """
 
     def __init__(
@@ -131,9 +138,15 @@ class TransformerBlock(keras.layers.Layer):
         qkv_bias=True,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        init="mae",
+        layer_id=None,
+        layer_scale=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.init = initializers.check_scheme(init)
+        self.layer_id = layer_id
+        self.layer_scale = None if layer_scale is None else float(layer_scale)
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
@@ -141,20 +154,22 @@ class TransformerBlock(keras.layers.Layer):
         self.drop_path_rate = drop_path_rate
         self.layer_norm_epsilon = layer_norm_epsilon
         policy = self.dtype_policy
-        init = keras.initializers.GlorotUniform()
         self.norm1 = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
         )
         self.attention = MultiHeadSelfAttention(
-            hidden_dim, num_heads, qkv_bias, dtype=policy, name="attention"
+            hidden_dim, num_heads, qkv_bias, init=init, layer_id=layer_id, dtype=policy, name="attention"
         )
         self.norm2 = LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
         )
         self.fc1 = Dense(
-            int(hidden_dim * mlp_ratio), kernel_initializer=init, dtype=policy, name="fc1"
+            int(hidden_dim * mlp_ratio), kernel_initializer=initializers.linear_kernel(init), dtype=policy,
+            name="fc1",
         )
-        self.fc2 = Dense(hidden_dim, kernel_initializer=init, dtype=policy, name="fc2")
+        self.fc2 = Dense(
+            hidden_dim, kernel_initializer=initializers.linear_kernel(init, layer_id), dtype=policy, name="fc2"
+        )
         self.drop_path = keras.layers.Dropout(
             drop_path_rate, noise_shape=(None, 1, 1), dtype=policy, name="drop_path"
         )
@@ -165,6 +180,10 @@ class TransformerBlock(keras.layers.Layer):
         self.norm2.build(input_shape)
         self.fc1.build(input_shape)
         self.fc2.build(tuple(input_shape[:-1]) + (int(self.hidden_dim * self.mlp_ratio),))
+        if self.layer_scale is not None:
+            init = keras.initializers.Constant(self.layer_scale)
+            self.layer_scale_1 = self.add_weight(shape=(self.hidden_dim,), initializer=init, name="layer_scale_1")
+            self.layer_scale_2 = self.add_weight(shape=(self.hidden_dim,), initializer=init, name="layer_scale_2")
         self.built = True
 
     def call(self, x, return_attention=False, training=None):
@@ -173,9 +192,13 @@ class TransformerBlock(keras.layers.Layer):
         )
         if return_attention:
             attended, attention = attended
+        if self.layer_scale is not None:
+            attended = attended * ops.cast(self.layer_scale_1, attended.dtype)
         x = x + self._drop_path(attended, training)
         hidden = call_sublayer(self, self.fc1, call_sublayer(self, self.norm2, x))
         hidden = call_sublayer(self, self.fc2, keras.activations.gelu(hidden, approximate=False))
+        if self.layer_scale is not None:
+            hidden = hidden * ops.cast(self.layer_scale_2, hidden.dtype)
         x = x + self._drop_path(hidden, training)
         if return_attention:
             return x, attention
@@ -198,6 +221,9 @@ class TransformerBlock(keras.layers.Layer):
                 "qkv_bias": self.qkv_bias,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "init": self.init,
+                "layer_id": self.layer_id,
+                "layer_scale": self.layer_scale,
             }
         )
         return config

@@ -2,7 +2,8 @@
 
     w (B, N)    token weights: ones (MAE's random masking) or per-image importance (AMT/FAMT)
     order       weighted random order of the N patches (Gumbel-top-k on log w)
-                masked = first int(mask_ratio N), thrown = next int(throw_ratio N), visible = rest
+                counts (`masking.token_counts`): MAE keeps int(N (1 - mask_ratio)); AMT/FAMT mask
+                int(N m), throw int(N (m + t)) - int(N m), keep the rest
     z           = encoder(x, visible patches only)                      (B, 1 + V, D)
     decoder     Linear(D -> D_dec); [CLS, visible + pos, mask_token + pos(masked)]  (thrown: absent)
                 -> blocks -> LayerNorm -> Linear(p * p * 3), read at the masked positions (B, M, p*p*3)
@@ -123,7 +124,8 @@ class MAE(TokenMaskingModel):
         mask_ratio: share of patches to reconstruct (MAE 0.75; FAMT 0.45).
         throw_ratio: share of patches thrown away (MAE 0; FAMT 0.40).
         decoder_dim, decoder_depth, decoder_heads: the decoder (MAE: 512, 8, 16).
-        norm_pix_loss: per-patch normalised pixel targets (mean 0, variance 1 per patch).
+        norm_pix_loss: per-patch normalised pixel targets, `(x - mean) / sqrt(var + 1e-6)` with
+            the unbiased variance (`n - 1`, as MAE's `target.var(dim=-1)`).
         seed, importance, num_images, warmup_mask_ratio, cutoff: see `TokenMaskingModel`
             (warm-up: MAE's random masking 0.75).
     """
@@ -160,7 +162,8 @@ class MAE(TokenMaskingModel):
         patches = patchify(self.encoder.normalize(images), self.encoder.patch_size)
         if self.norm_pix_loss:
             mean = ops.mean(patches, axis=-1, keepdims=True)
-            variance = ops.var(patches, axis=-1, keepdims=True)
+            count = patches.shape[-1]  # MAE: torch's unbiased variance (n - 1)
+            variance = ops.var(patches, axis=-1, keepdims=True) * (count / (count - 1))
             patches = (patches - mean) / ops.sqrt(variance + 1e-6)
         return patches
 

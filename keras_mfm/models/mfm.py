@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.frequency import frequency_loss
+from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Conv2D
 from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.models.base import EncoderModel
@@ -31,7 +32,8 @@ class PixelShuffleHead(keras.layers.Layer):
 
     Channel layout of the convolution's output: `(i * s + j) * channels + c` for the output pixel
     offset `(i, j)` and colour `c` (Keras/TF `depth_to_space`; PyTorch's `PixelShuffle` orders
-    them `c * s^2 + i * s + j`).
+    them `c * s^2 + i * s + j`). The convolution keeps PyTorch's default init (kaiming-uniform,
+    a = sqrt(5), bias U(+-1/sqrt(fan_in))), as in the authors' MFM and SimMIM.
     """
 
     def __init__(self, stride, channels=3, **kwargs):
@@ -39,10 +41,12 @@ class PixelShuffleHead(keras.layers.Layer):
         self.stride = int(stride)
         self.channels = int(channels)
         self.conv = Conv2D(
-            self.stride**2 * self.channels, 1, dtype=self.dtype_policy, name="conv"
+            self.stride**2 * self.channels, 1, kernel_initializer=initializers.torch_default_kernel(),
+            dtype=self.dtype_policy, name="conv"
         )
 
     def build(self, input_shape):
+        self.conv.bias_initializer = initializers.torch_default_bias(input_shape[-1])  # fan-in = channels
         self.conv.build(input_shape)
         self.built = True
 

@@ -23,6 +23,7 @@ import math
 import keras
 from keras import ops
 
+from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Dense
 from keras_mfm.masking import MASKED
 from keras_mfm.models.mae import patchify
@@ -87,14 +88,17 @@ class SimMIM(TokenMaskingModel):
         self.masked_units = int(math.ceil(units * self.mask_ratio))  # SimMIM rounds up
         if not importance and self.masked_units >= units:
             raise ValueError(f"mask_ratio={mask_ratio} masks all {units} mask units; nothing stays visible.")
-        self.head = Dense(3 * patch * patch, dtype=self.dtype_policy, name="head")
+        # SimMIM's head (a 1x1 convolution) keeps PyTorch's default init
+        self.head = Dense(3 * patch * patch, kernel_initializer=initializers.torch_default_kernel(),
+                          bias_initializer=initializers.torch_default_bias(encoder.hidden_dim),
+                          dtype=self.dtype_policy, name="head")
 
     def build(self, input_shape=None):
         if self.built:
             return
         self.encoder.ensure_built()
         self.mask_token = self.add_weight(
-            shape=(1, 1, self.encoder.hidden_dim), initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            shape=(1, 1, self.encoder.hidden_dim), initializer=initializers.TruncatedNormal(0.02),  # SimMIM's +-1 std cut
             name="mask_token",
         )
         self.head.build((None, None, self.encoder.hidden_dim))

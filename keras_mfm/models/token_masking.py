@@ -60,7 +60,9 @@ class TokenMaskingModel(EncoderModel):
         self.encoder = encoder
         self.mask_ratio = float(mask_ratio)
         self.throw_ratio = float(throw_ratio)
-        self.counts = token_counts(encoder.num_patches, self.mask_ratio, self.throw_ratio)
+        # AMT/FAMT count their tokens with AMT's rule, plain random masking with MAE's (the authors')
+        self.count_rule = "amt" if importance or self.throw_ratio else "mae"
+        self.counts = token_counts(encoder.num_patches, self.mask_ratio, self.throw_ratio, self.count_rule)
         if self.counts[0] < 1:
             raise ValueError(
                 f"{type(self).__name__} needs at least one masked patch to reconstruct; mask_ratio={mask_ratio}."
@@ -74,7 +76,7 @@ class TokenMaskingModel(EncoderModel):
         self.importance = importance
         self.num_images = int(num_images) if importance else None
         self.warmup_mask_ratio = float(warmup_mask_ratio)
-        token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0)  # validates the warm-up ratio
+        token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0, "mae")  # validates the warm-up ratio
         self.cutoff = float(cutoff)
         self.importance_ready = False  # Python-level phase: shapes differ before/after the first refresh
 
@@ -123,12 +125,12 @@ class TokenMaskingModel(EncoderModel):
         Without `importance`: random masking, at `warmup_mask_ratio` without throwing for an
         AMT/FAMT model whose table is not filled yet, else at `mask_ratio`/`throw_ratio`.
         """
-        mask_ratio, throw_ratio = self.mask_ratio, self.throw_ratio
+        mask_ratio, throw_ratio, rule = self.mask_ratio, self.throw_ratio, self.count_rule
         if importance is None:
             importance = ops.ones((ops.shape(images)[0], self.encoder.num_patches), "float32")
             if self.importance and not self.importance_ready:
-                mask_ratio, throw_ratio = self.warmup_mask_ratio, 0.0
-        return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False)
+                mask_ratio, throw_ratio, rule = self.warmup_mask_ratio, 0.0, "mae"
+        return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False, rule=rule)
 
     # -- loss ----------------------------------------------------------------------------------
     def reconstruction_loss(self, images, prediction, masked):
