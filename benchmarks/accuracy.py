@@ -1,38 +1,39 @@
 #!/usr/bin/env python
-"""Do the methods work? Every pre-training objective under one compute budget, scored by k-NN and
-the linear probe on CIFAR-10, next to a random-init encoder and a raw-pixel linear classifier.
+"""Does pre-training help? Every objective under one CIFAR-10 budget, against a random-init encoder
+and raw pixels: k-NN and the linear probe on [CLS] and on mean-pooled tokens, a short fine-tune, and
+k-NN learning curves.
 
-    python benchmarks/accuracy.py --backend torch --threads 1 --lr-frequency 1e-3 --lr-tokens 3e-3 \
-        --output runs/accuracy --plot docs/accuracy_vs_time.png                    # the study
-    python benchmarks/accuracy.py --backend torch --threads 1 --holdout 5000 --methods mfm,mae \
-        --baselines none --epochs 2 --steps-per-epoch 20 --train-images 5000 --lr 1e-3 \
-        --output runs/accuracy_tune/lr1e-3                                         # a tuning run
+    python benchmarks/accuracy.py --backend torch --threads 1                 # the study (resumable)
+    python benchmarks/accuracy.py --backend torch --threads 1 --rows mfm,mae,famt --passes 200 \
+        --depth 12 --state ~/.cache/keras_mfm/accuracy-gpu                      # GPU scale (see docs/)
 
-One architecture for every row: `--backbone vit_tiny` (192-d, 3 heads) with `--depth` blocks (4), patch
-4 at 32x32 (64 tokens); MAE-family decoder `--decoder-dim/--decoder-depth/--decoder-heads` (192/4/3).
-Every method gets the same budget: `--epochs` x `--steps-per-epoch` steps (4 x 25) of `--batch-size`
-(128) images, the library's recipe (AdamW, warm-up + cosine), the same seed; the peak lr per family
-(`--lr-frequency` for mfm/sr/deblur/denoise, `--lr-tokens` for the token-masking methods). Pre-training
-reads a seeded `--pretrain-images` subset of the training split (10,000: with the same seed the very
-images of the evaluation bank; 0 = the whole split). AMT/FAMT/SimMIM+FAMT refresh their importance
-table at the start of epoch `--refresh-warmup` (1) and every `--refresh-interval` (2) epochs; each
-refresh scores the whole pre-training split once and counts in the row's pre-training time.
+Budget: `--passes` (5) passes over the **whole** training split (50,000 images at batch `--batch-size`
+128: 1,950 steps), cut into `--segments` (10) epochs so that AMT/FAMT refresh on the authors' schedule
+(first at 10 % of the run, then every 10 %: `--refresh-warmup 1 --refresh-interval 1` segments), each
+refresh scoring the whole split and counting in the row's time. One architecture for every row: ViT-Tiny/4
+(192-d, 3 heads) with `--depth` (4) blocks at 32x32 (64 tokens); MAE-family decoder 192-d x 4 x 3 heads.
+Every method: its authors' recipe, init and schedule (keras_mfm's defaults) with the peak lr of its
+family (`--lr-frequency` for mfm/sr/deblur/denoise, `--lr-tokens` for the token-masking methods), the
+same seed and budget.
 
-Evaluation (the same for every row): frozen [CLS] features; k-NN (k 20, T 0.07) and MAE's linear
-probe (LARS, 90 epochs); bank / probe training set a seeded `--train-images` subset of the training
-split, queries all test images (`--test-images 0`). The raw-pixel row runs the same k-NN and the same
-probe head (BatchNorm without affine + linear, LARS) on the flattened 32x32x3 pixels.
+Protocols, the same for every row: frozen features ([CLS] and mean of the patch tokens) scored by
+weighted k-NN (k 20, T 0.07) and MAE's linear probe (LARS, 90 epochs), bank / probe training set a seeded
+`--train-images` (10,000) subset of the training split, queries all 10,000 test images; a fine-tune
+(`evaluation.finetune`: its recipe, `--finetune-epochs` (5) epochs, 1 warm-up, on the same 10,000-image
+subset, scored on the test split; random init fine-tuned the same way). Raw pixels: k-NN and the same
+probe head on the flattened 3,072 pixels. Curves: k-NN ([CLS] and mean) of encoder snapshots after
+1/8, 1/4 and 1/2 of the budget, and at the end, against the CPU time spent until then.
+
+State lives outside the work tree, under `--state` (default `$KERAS_MFM_CACHE/accuracy/<budget key>`):
+one folder per row (its run with checkpoints, snapshots, CPU ledger, evaluation parts). Every part is
+resumable: a killed row continues from its last checkpoint, and finished parts are not redone. Each
+finished row is written as `--results/<row>.json` (default `docs/results/cifar10/`); the table
+(`table.md` in the state folder, printed) lists finished rows and names the pending ones.
 
 Tuning without the test split: `--holdout N` holds out a seeded N-image part of the training split
-(an image folder of symlinks in the cache, `train/` = the rest, `test/` = the held-out part), pre-trains
-on (a subset of) the rest and scores with a `--train-images` bank from the rest and the held-out images
-as queries.
-
-Times: wall time and the process's CPU time (with `--threads 1` a run's CPU time is its time alone on
-one core, whatever else the machine runs). Resuming: each row writes `OUTPUT/<row>/result.json`
-(pre-training in `OUTPUT/<row>/run/`, its times in `OUTPUT/<row>/pretrain.json`) and finished rows are
-skipped; an interrupted pre-training continues from its checkpoint (`keras_mfm.training.resume`).
-Prints a markdown table (also `OUTPUT/table.md`) and, with `--plot`, accuracy against pre-training time.
+(an image folder of symlinks in the cache) and scores on it instead of the test split.
+Times: the CPU time of the process (with `--threads 1` its time alone on one core, whatever else the
+machine runs), summed over resumed runs.
 """
 
 import argparse
@@ -44,55 +45,52 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS = ("mfm", "sr", "deblur", "denoise", "mae", "amt", "famt", "simmim", "simmim_famt")
+HEADLINE = ("random", "pixels", "mfm", "mae", "famt")
+ROWS = HEADLINE + ("sr", "deblur", "denoise", "amt", "simmim", "simmim_famt")
 BASELINES = ("random", "pixels")
 FREQUENCY_FAMILY = ("mfm", "sr", "deblur", "denoise")  # the MFM model (encoder + pixel-shuffle head)
-RESULT = "result.json"
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                            "cifar10-jpeg.tar.gz")
+CURVE_FRACTIONS = (0.125, 0.25, 0.5)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+DEFAULT_RESULTS = os.path.join(REPO, "docs", "results", "cifar10")
+TRAIN_SPLIT = 50_000
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default=None, choices=("tensorflow", "jax", "torch"))
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--output", default="runs/accuracy")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated pre-training methods")
-    parser.add_argument("--baselines", default=",".join(BASELINES), help="random,pixels or none")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, in order")
+    parser.add_argument("--state", default=None, help="state folder (default: the cache, keyed by the budget)")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder of the finished rows' JSON ('' : none)")
     parser.add_argument("--backbone", default="vit_tiny")
     parser.add_argument("--depth", type=int, default=4, help="encoder blocks (vit_tiny has 12)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps-per-epoch", type=int, default=25)
-    parser.add_argument("--lr", type=float, default=1e-3, help="absolute peak lr of every method")
-    parser.add_argument("--lr-frequency", type=float, default=None, help="lr of mfm/sr/deblur/denoise (default --lr)")
-    parser.add_argument("--lr-tokens", type=float, default=None,
-                        help="lr of mae/amt/famt/simmim/simmim_famt (default --lr)")
-    parser.add_argument("--warmup-epochs", type=float, default=None, help="lr warm-up (default 1/15 of the run)")
+    parser.add_argument("--passes", type=float, default=5, help="passes over the whole training split")
+    parser.add_argument("--segments", type=int, default=10, help="epochs the budget is cut into (refresh points)")
+    parser.add_argument("--lr-frequency", type=float, default=1e-3, help="peak lr of mfm/sr/deblur/denoise")
+    parser.add_argument("--lr-tokens", type=float, default=3e-3, help="peak lr of mae/amt/famt/simmim/simmim_famt")
+    parser.add_argument("--radius", type=float, default=None, help="MFM radius (default 16/224 x size)")
     parser.add_argument("--decoder-dim", type=int, default=192)
     parser.add_argument("--decoder-depth", type=int, default=4)
     parser.add_argument("--decoder-heads", type=int, default=3)
-    parser.add_argument("--refresh-warmup", type=int, default=1)
-    parser.add_argument("--refresh-interval", type=int, default=2)
+    parser.add_argument("--refresh-warmup", type=int, default=1, help="segments before the first refresh")
+    parser.add_argument("--refresh-interval", type=int, default=1, help="segments between refreshes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-images", type=int, default=10_000, help="k-NN bank / probe training subset")
+    parser.add_argument("--train-images", type=int, default=10_000, help="k-NN bank / probe / fine-tune subset")
     parser.add_argument("--test-images", type=int, default=0, help="test subset (0: all)")
     parser.add_argument("--probe-epochs", type=int, default=90)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--no-curves", action="store_true", help="no snapshots / learning curves")
     parser.add_argument("--holdout", type=int, default=0, help="tuning: hold out N training images as queries")
-    parser.add_argument("--pretrain-images", type=int, default=10_000,
-                        help="pre-train on a seeded subset of N training images (0: the whole split); with the "
-                             "same --seed and N = --train-images it is the k-NN bank / probe training subset")
     parser.add_argument("--images", type=int, default=0,
-                        help="smoke tests: use a seeded subset of N training and N test images (0: all)")
-    parser.add_argument("--plot", default=None, help="PNG of accuracy against pre-training time (MAE vs FAMT)")
-    parser.add_argument("--curve-from", nargs="*", default=(),
-                        help="output folders of shorter budgets whose mae/famt rows add points to the plot's curves")
+                        help="smoke tests: a seeded subset of N training and N test images (0: all)")
+    parser.add_argument("--plot", default=None, help="PNG of the k-NN learning curves against CPU time")
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
-                        help="PyTorch intra-op threads (0: PyTorch's default; 1 avoids oversubscription on a "
-                             "shared machine)")
+                        help="PyTorch intra-op threads (0: PyTorch's default; 1 on a shared machine)")
     args = parser.parse_args(argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
@@ -243,24 +241,85 @@ def pixel_features(source, image_size, train_images, test_images, seed=0):
 
 # -- rows ----------------------------------------------------------------------------------------
 def method_lr(args, method):
-    specific = args.lr_frequency if method in FREQUENCY_FAMILY else args.lr_tokens
-    return args.lr if specific is None else specific
+    return args.lr_frequency if method in FREQUENCY_FAMILY else args.lr_tokens
 
 
-def pretrain_config(args, method, data_spec, output):
+def budget(args, train_images):
+    """`(epochs, steps per epoch)`: `--passes` over `train_images`, cut into `--segments` epochs."""
+    total = int(args.passes * train_images) // args.batch_size
+    steps = max(1, total // args.segments)
+    return args.segments, steps
+
+
+def budget_key(args):
+    keys = ("backbone", "depth", "image_size", "patch_size", "batch_size", "passes", "segments", "lr_frequency",
+            "lr_tokens", "radius", "decoder_dim", "decoder_depth", "decoder_heads", "refresh_warmup",
+            "refresh_interval", "seed", "train_images", "test_images", "probe_epochs", "finetune_epochs", "holdout",
+            "images", "data")
+    text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    return f"p{args.passes:g}-d{args.depth}-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def pretrain_config(args, method, data_spec, output, train_images):
     from keras_mfm import training
 
+    epochs, steps = budget(args, train_images)
     return training.PretrainConfig(
         method=method, backbone=args.backbone, image_size=args.image_size, patch_size=args.patch_size,
-        depth=args.depth, data=data_spec, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size, lr=method_lr(args, method), warmup_epochs=args.warmup_epochs,
-        decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
-        refresh_warmup=args.refresh_warmup, refresh_interval=args.refresh_interval, seed=args.seed,
-        output=output, eval="none", verbose=args.verbose,
+        depth=args.depth, data=data_spec, epochs=epochs, steps_per_epoch=steps, batch_size=args.batch_size,
+        lr=method_lr(args, method), radius=args.radius, decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, refresh_warmup=args.refresh_warmup,
+        refresh_interval=args.refresh_interval, seed=args.seed, output=output, eval="none", verbose=args.verbose,
     )
 
 
-def pretrain_row(args, method, data_spec, row_dir):
+def _read_json(path, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _write_json(path, value):
+    from keras_mfm.checkpoints import write_json_atomically
+
+    write_json_atomically(path, value)
+
+
+def cpu_ledger(row_dir):
+    """A row's CPU seconds so far (pre-training, summed over resumed runs)."""
+    return float(_read_json(os.path.join(row_dir, "cpu.json"), {"cpu_seconds": 0.0})["cpu_seconds"])
+
+
+def _callbacks(row_dir, total_steps, curves):
+    """Keras callbacks of a row's pre-training: the CPU ledger at each epoch end, and encoder
+    snapshots after 1/8, 1/4, 1/2 of the budget (each with the CPU time spent until then)."""
+    import keras
+
+    base, start = cpu_ledger(row_dir), time.process_time()
+    targets = {max(1, int(round(f * total_steps))): f for f in CURVE_FRACTIONS} if curves else {}
+
+    def spent():
+        return base + time.process_time() - start
+
+    class Ledger(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            fraction = targets.get(step)
+            path = os.path.join(row_dir, f"snapshot_{fraction}.keras") if fraction else None
+            if path and not os.path.isfile(path):
+                from keras_mfm.checkpoints import save_atomically
+
+                save_atomically(self.model.encoder, path)
+                _write_json(path + ".json", {"fraction": fraction, "step": step, "cpu_seconds": spent()})
+
+        def on_epoch_end(self, epoch, logs=None):
+            _write_json(os.path.join(row_dir, "cpu.json"), {"cpu_seconds": spent(), "epochs": epoch + 1})
+
+    return [Ledger()]
+
+
+def pretrain_row(args, method, data_spec, row_dir, train_images):
     """Pre-trains (or resumes, or reloads) `method`; returns (encoder, pre-training info)."""
     import keras
 
@@ -268,36 +327,34 @@ def pretrain_row(args, method, data_spec, row_dir):
 
     run_dir = os.path.join(row_dir, "run")
     info_path = os.path.join(row_dir, "pretrain.json")
-    if os.path.isfile(info_path) and os.path.isfile(os.path.join(run_dir, training.ENCODER)):
-        with open(info_path) as handle:
-            info = json.load(handle)
+    info = _read_json(info_path)
+    if info and os.path.isfile(os.path.join(run_dir, training.ENCODER)):
         return keras.saving.load_model(os.path.join(run_dir, training.ENCODER)), info
-    resumed = os.path.isfile(os.path.join(run_dir, "config.json")) and os.path.isfile(
-        os.path.join(run_dir, training.CHECKPOINT))
-    start, cpu = time.perf_counter(), time.process_time()
-    if resumed:
+    config = pretrain_config(args, method, data_spec, run_dir, train_images)
+    callbacks = _callbacks(row_dir, config.epochs * config.steps_per_epoch, not args.no_curves)
+    start = time.perf_counter()
+    if os.path.isfile(os.path.join(run_dir, training.CHECKPOINT)):
         print(f"[{method}] resuming the pre-training in {run_dir}", flush=True)
-        run = training.resume(run_dir)
+        run = training.resume(run_dir, callbacks=callbacks)
     else:
-        run = training.pretrain(pretrain_config(args, method, data_spec, run_dir))
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        run = training.pretrain(config, callbacks=callbacks)
     run_info = run["info"]
     refreshes = run_info.get("importance_refreshes", [])
-    refresh_seconds = float(sum(r["seconds"] for r in refreshes))
     info = {
-        "pretrain_wall_seconds": wall,  # the whole call: data loading, model building, fit, saving
-        "pretrain_cpu_seconds": cpu,  # CPU time of this process (all its threads): robust to a shared machine
-        "fit_seconds": run_info["pretrain_seconds"],  # the epochs' loop, refreshes included
-        "refresh_seconds": refresh_seconds,
-        "fit_seconds_without_refresh": run_info["pretrain_seconds"] - refresh_seconds,
+        "cpu_seconds": cpu_ledger(row_dir),  # CPU time of the pre-training, summed over resumed runs
+        "wall_seconds_last_run": time.perf_counter() - start,
+        "refresh_seconds": float(sum(r["seconds"] for r in refreshes)),  # wall time of the refreshes
+        "fit_seconds": run_info["pretrain_seconds"],
         "refreshes": refreshes,
         "final_loss": run_info["final_loss"],
-        "steps": run_info["steps_per_epoch"] * run_info["config"]["epochs"],
-        "lr": run_info["config"]["lr"],
+        "steps": config.epochs * config.steps_per_epoch,
+        "passes": args.passes,
+        "lr": config.lr,
+        "recipe": run_info.get("recipe"),
+        "init": run_info.get("init"),
         "encoder_parameters": run_info["encoder_parameters"],
-        "resumed": resumed,  # wall times then cover the resumed part only
     }
-    training.write_json_atomically(info_path, info)
+    _write_json(info_path, info)
     return run["model"].encoder, info
 
 
@@ -307,147 +364,169 @@ def random_encoder(args):
     from keras_mfm import training
 
     keras.utils.set_random_seed(args.seed)
-    return training.build_encoder(pretrain_config(args, "mfm", None, None))
+    config = pretrain_config(args, "mfm", None, None, TRAIN_SPLIT)  # MFM's ViT (learned positions, its init)
+    return training.build_encoder(config)
 
 
-def evaluate_encoder(args, encoder, data_spec):
+def _part(row_dir, name, compute):
+    """A row's evaluation part, computed once and kept (`row_dir/name.json`)."""
+    path = os.path.join(row_dir, f"{name}.json")
+    value = _read_json(path)
+    if value is None:
+        start, cpu = time.perf_counter(), time.process_time()
+        value = dict(compute())
+        value["seconds"], value["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+        _write_json(path, value)
+    return value
+
+
+def frozen_protocols(args, encoder, data_spec, pooling, protocols=("knn", "linear"), train_images=None):
     from keras_mfm import evaluation
 
     result = evaluation.evaluate_frozen_on_data(
-        encoder, data_spec, ("knn", "linear"), batch_size=256, train_images=args.train_images or None,
-        test_images=args.test_images or None, seed=args.seed, probe_epochs=args.probe_epochs,
+        encoder, data_spec, protocols, batch_size=256, train_images=train_images or args.train_images or None,
+        test_images=args.test_images or None, seed=args.seed, probe_epochs=args.probe_epochs, pooling=pooling,
     )
-    return dict(result)
+    return {k: v for k, v in dict(result).items() if isinstance(v, (int, float, str, list))}
 
 
-def run_row(args, row, data_spec, pretrain_spec=None):
-    row_dir = os.path.join(args.output, row)
-    os.makedirs(row_dir, exist_ok=True)
-    result = {"row": row, "backend": None, "data": data_spec, "pretrain_data": pretrain_spec or data_spec}
+def finetune_protocol(args, encoder, data_spec):
+    from keras_mfm import evaluation
+
+    result = evaluation.finetune_on_data(
+        encoder, data_spec, batch_size=args.batch_size, train_images=args.train_images or None,
+        test_images=args.test_images or None, seed=args.seed, epochs=args.finetune_epochs, warmup_epochs=1,
+    )
+    return {k: v for k, v in dict(result).items() if isinstance(v, (int, float, str, list))}
+
+
+def curve_points(args, row_dir, data_spec, final_cpu, final_knn):
+    """k-NN of every snapshot (and the end), `[{fraction, cpu_minutes, knn_cls, knn_mean}]`."""
     import keras
 
-    result["backend"] = keras.backend.backend()
+    points = []
+    for fraction in CURVE_FRACTIONS:
+        path = os.path.join(row_dir, f"snapshot_{fraction}.keras")
+        if not os.path.isfile(path):
+            continue
+        meta = _read_json(path + ".json")
+
+        def score(path=path):
+            encoder = keras.saving.load_model(path)
+            return {pooling: frozen_protocols(args, encoder, data_spec, pooling, ("knn",))["knn_top1"]
+                    for pooling in ("cls", "mean")}
+
+        knn = _part(row_dir, f"curve_{fraction}", score)
+        points.append({"fraction": fraction, "cpu_minutes": meta["cpu_seconds"] / 60, "knn_cls": knn["cls"],
+                       "knn_mean": knn["mean"]})
+    points.append({"fraction": 1.0, "cpu_minutes": final_cpu / 60, **final_knn})
+    return points
+
+
+def run_row(args, row, data_spec):
+    """Every part of one row (each kept when done); returns its result dict."""
+    import keras
+
+    from keras_mfm import data
+
+    row_dir = os.path.join(args.state, row)
+    os.makedirs(row_dir, exist_ok=True)
+    result = {"row": row, "method": row, "backend": keras.backend.backend(), "data": data_spec}
+    train_images = data.load_split(data.resolve_data(data_spec), "train").num_examples
+    epochs, steps = budget(args, train_images)
+    result["budget"] = {"passes": args.passes, "steps": epochs * steps, "batch_size": args.batch_size,
+                        "train_images": train_images, "depth": args.depth}
     if row == "pixels":
-        start, cpu = time.perf_counter(), time.process_time()
-        train, test = pixel_features(data_spec, args.image_size, args.train_images or None,
-                                     args.test_images or None, args.seed)
-        result["evaluation"] = raw_pixel_baseline(train, test, args.probe_epochs, seed=args.seed)
-        result["eval_seconds"] = time.perf_counter() - start
-        result["eval_cpu_seconds"] = time.process_time() - cpu
+        def pixels():
+            train, test = pixel_features(data_spec, args.image_size, args.train_images or None,
+                                         args.test_images or None, args.seed)
+            return raw_pixel_baseline(train, test, args.probe_epochs, seed=args.seed)
+
+        evaluation = _part(row_dir, "pixels", pixels)
+        result.update(knn_cls=evaluation["knn_top1"], knn_mean=None, linear_cls=evaluation["linear_top1"],
+                      linear_mean=None, finetune=None, cpu_minutes=0.0, curve=[])
+        result["eval_cpu_minutes"] = evaluation["cpu_seconds"] / 60
         return result
     if row == "random":
         encoder, info = random_encoder(args), None
+        cpu = 0.0
     else:
-        encoder, info = pretrain_row(args, row, pretrain_spec or data_spec, row_dir)
-    result["pretrain"] = info
-    start, cpu = time.perf_counter(), time.process_time()
-    result["evaluation"] = evaluate_encoder(args, encoder, data_spec)
-    result["eval_seconds"] = time.perf_counter() - start
-    result["eval_cpu_seconds"] = time.process_time() - cpu
+        encoder, info = pretrain_row(args, row, data_spec, row_dir, train_images)
+        cpu = info["cpu_seconds"]
+    frozen = {pooling: _part(row_dir, f"frozen_{pooling}", lambda p=pooling: frozen_protocols(args, encoder, data_spec, p))
+              for pooling in ("cls", "mean")}
+    tuned = _part(row_dir, "finetune", lambda: finetune_protocol(args, encoder, data_spec))
+    result.update(
+        knn_cls=frozen["cls"]["knn_top1"], knn_mean=frozen["mean"]["knn_top1"],
+        linear_cls=frozen["cls"]["linear_top1"], linear_mean=frozen["mean"]["linear_top1"],
+        finetune=tuned["finetune_top1"], cpu_minutes=cpu / 60, pretrain=info,
+    )
+    result["eval_cpu_minutes"] = sum(part["cpu_seconds"] for part in (*frozen.values(), tuned)) / 60
+    final = {"knn_cls": result["knn_cls"], "knn_mean": result["knn_mean"]}
+    result["curve"] = [] if row == "random" else curve_points(args, row_dir, data_spec, cpu, final)
+    if info:
+        result["refresh_minutes"] = info["refresh_seconds"] / 60
     return result
 
 
 def rows_of(args):
-    rows = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for name in rows:
-        if name not in METHODS:
-            raise SystemExit(f"accuracy.py: unknown method {name!r}; choose from {', '.join(METHODS)}.")
-    for name in baselines:
-        if name not in BASELINES:
-            raise SystemExit(f"accuracy.py: unknown baseline {name!r}; choose from {', '.join(BASELINES)}.")
-    return baselines + rows
+        if name not in ROWS:
+            raise SystemExit(f"accuracy.py: unknown row {name!r}; choose from {', '.join(ROWS)}.")
+    return rows
 
 
-def load_results(output, rows):
-    results = {}
-    for row in rows:
-        path = os.path.join(output, row, RESULT)
-        if os.path.isfile(path):
-            with open(path) as handle:
-                results[row] = json.load(handle)
-    return results
+def _cell(value, digits=2):
+    return "" if value is None else f"{value:.{digits}f}"
 
 
-def _minutes(seconds):
-    return "" if seconds is None else f"{seconds / 60:.1f}"
-
-
-def markdown_table(results):
-    """One line per row. Times in minutes: CPU time of the (single-threaded) process, robust to other
-    jobs on the machine, and wall time (with the importance refreshes' share in brackets)."""
+def markdown_table(results, pending=()):
+    """One line per finished row; the pending rows named below the table."""
     lines = [
-        "| row | pre-training CPU min | pre-training wall min (refresh) | loss | k-NN top-1 | linear top-1 "
-        "| eval CPU min (wall) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | passes (steps) | pre-training CPU min (refresh wall min) | k-NN [CLS] | k-NN mean | linear [CLS] "
+        "| linear mean | fine-tune | eval CPU min |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, result in results.items():
-        info, metrics = result.get("pretrain"), result["evaluation"]
-        if info:
-            cpu = _minutes(info.get("pretrain_cpu_seconds"))
-            wall = _minutes(info["pretrain_wall_seconds"])
-            if info["refresh_seconds"]:
-                wall += f" ({_minutes(info['refresh_seconds'])})"
-            loss = f"{info['final_loss']:.4f}"
-        else:
-            cpu, wall, loss = "none", "none", ""
+    for row, r in results.items():
         name = {"random": "random init", "pixels": "raw pixels"}.get(row, row)
-        evaluation = f"{_minutes(result.get('eval_cpu_seconds'))} ({_minutes(result['eval_seconds'])})".strip()
-        lines.append(f"| {name} | {cpu} | {wall} | {loss} | {metrics['knn_top1']:.2f} | {metrics['linear_top1']:.2f} "
-                     f"| {evaluation} |")
+        steps = f"{r['budget']['passes']:g} ({r['budget']['steps']})" if row not in BASELINES else "none"
+        cpu = "none" if row in BASELINES else _cell(r["cpu_minutes"], 1)
+        if r.get("refresh_minutes"):
+            cpu += f" ({r['refresh_minutes']:.1f})"
+        lines.append(f"| {name} | {steps} | {cpu} | {_cell(r['knn_cls'])} | {_cell(r['knn_mean'])} "
+                     f"| {_cell(r['linear_cls'])} | {_cell(r['linear_mean'])} | {_cell(r['finetune'])} "
+                     f"| {_cell(r['eval_cpu_minutes'], 1)} |")
+    if pending:
+        lines.append("")
+        lines.append(f"Pending rows: {', '.join(pending)}.")
     return "\n".join(lines)
 
 
-def pretrain_minutes(info):
-    """Pre-training time in minutes: CPU time when recorded (a single-threaded run's time alone on a
-    core, robust to other jobs), else wall time; and the same without the importance refreshes
-    (their share of the CPU time taken as their share of the wall time)."""
-    total = info.get("pretrain_cpu_seconds") or info["pretrain_wall_seconds"]
-    share = info["refresh_seconds"] / info["pretrain_wall_seconds"] if info["pretrain_wall_seconds"] else 0.0
-    return total / 60, total * (1 - share) / 60
-
-
-def plot(results, path, curves=()):
-    """Accuracy against pre-training time: every method (grey), MAE and FAMT highlighted (from the
-    random-init encoder at time 0, through the same rows of the shorter budgets in `curves`, a list of
-    result dicts), also without their refreshes; random init and raw pixels as lines."""
+def plot(results, path):
+    """k-NN ([CLS] and mean-pooled) against pre-training CPU time for every method; random init
+    and raw pixels as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
-    base = results.get("random")
-    for ax, metric, title in zip(axes, ("knn_top1", "linear_top1"), ("k-NN top-1 (%)", "linear probe top-1 (%)")):
-        for row, result in results.items():
-            info = result.get("pretrain")
-            if not info:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    for ax, key, title in zip(axes, ("knn_cls", "knn_mean"), ("k-NN top-1, [CLS] (%)", "k-NN top-1, mean pooling (%)")):
+        for row, r in results.items():
+            if row in BASELINES or not r.get("curve"):
                 continue
-            minutes, without_refresh = pretrain_minutes(info)
-            value = result["evaluation"][metric]
-            if row in ("mae", "famt"):
-                color = "tab:blue" if row == "mae" else "tab:red"
-                points = sorted([pretrain_minutes(other[row]["pretrain"]) + (other[row]["evaluation"][metric],)
-                                 for other in curves if row in other] + [(minutes, without_refresh, value)])
-                xs, ys = [p[0] for p in points], [p[2] for p in points]
-                if base:
-                    xs, ys = [0.0] + xs, [base["evaluation"][metric]] + ys
-                ax.plot(xs, ys, "-o", color=color, label=row.upper(), zorder=3)
-                if info["refresh_seconds"]:
-                    ax.plot([p[1] for p in points], [p[2] for p in points], "x", color=color,
-                            label=f"{row.upper()} without the refreshes", zorder=3)
-            else:
-                ax.plot([minutes], [value], "o", color="0.6", zorder=2)
-                ax.annotate(row, (minutes, value), fontsize=7, color="0.4", xytext=(3, 2),
-                            textcoords="offset points")
+            xs, ys = [p["cpu_minutes"] for p in r["curve"]], [p[key] for p in r["curve"]]
+            ax.plot(xs, ys, "-o", markersize=3, label=row)
         for row, style in (("random", "--"), ("pixels", ":")):
-            if row in results:
-                ax.axhline(results[row]["evaluation"][metric], color="0.3", linestyle=style, linewidth=1,
+            value = results.get(row, {}).get(key) if row == "random" else results.get(row, {}).get("knn_cls")
+            if value is not None:
+                ax.axhline(value, color="0.3", linestyle=style, linewidth=1,
                            label={"random": "random init", "pixels": "raw pixels"}[row])
         ax.set_xlabel("pre-training time (CPU minutes, one thread)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -456,7 +535,7 @@ def plot(results, path, curves=()):
 
 def main(argv=None):
     args = parse_args(argv)
-    from keras_mfm import training  # after the backend is chosen
+    from keras_mfm import data  # after the backend is chosen
 
     set_threads(args.threads)
     rows = rows_of(args)
@@ -465,29 +544,38 @@ def main(argv=None):
         data_spec = subset_folder(data_spec, args.images, args.seed)
     if args.holdout:
         data_spec = holdout_folder(data_spec, args.holdout, args.seed)
-    pretrain_spec = data_spec
-    if args.pretrain_images:
-        pretrain_spec = pretraining_folder(data_spec, args.pretrain_images, args.seed)
-    os.makedirs(args.output, exist_ok=True)
+    args.state = os.path.expanduser(args.state or os.path.join(data.cache_dir(), "accuracy", budget_key(args)))
+    os.makedirs(args.state, exist_ok=True)
+    print(f"state: {args.state}", flush=True)
     for row in rows:
-        path = os.path.join(args.output, row, RESULT)
+        path = os.path.join(args.state, row, "result.json")
         if os.path.isfile(path):
             print(f"[{row}] done already: {path}", flush=True)
             continue
         print(f"[{row}] starting at {time.strftime('%H:%M:%S')}", flush=True)
-        result = run_row(args, row, data_spec, pretrain_spec)
-        result["settings"] = {k: v for k, v in vars(args).items() if k not in ("plot", "verbose")}
-        training.write_json_atomically(path, result)
-        metrics = result["evaluation"]
-        print(f"[{row}] k-NN {metrics['knn_top1']:.2f} %, linear {metrics['linear_top1']:.2f} %, "
-              f"eval {result['eval_seconds']:.0f} s", flush=True)
-    results = load_results(args.output, rows)
-    table = markdown_table(results)
+        result = run_row(args, row, data_spec)
+        result["settings"] = {k: v for k, v in vars(args).items() if k not in ("plot", "verbose", "state", "results")}
+        _write_json(path, result)
+        print(f"[{row}] k-NN {_cell(result['knn_cls'])} / {_cell(result['knn_mean'])}, linear "
+              f"{_cell(result['linear_cls'])} / {_cell(result['linear_mean'])}, fine-tune {_cell(result['finetune'])}",
+              flush=True)
+    results = {row: _read_json(os.path.join(args.state, row, "result.json")) for row in rows}
+    pending = [row for row, r in results.items() if r is None]
+    results = {row: r for row, r in results.items() if r is not None}
+    if args.results:
+        os.makedirs(args.results, exist_ok=True)
+        for row, r in results.items():
+            public = {k: r[k] for k in ("method", "budget", "cpu_minutes", "knn_cls", "knn_mean", "linear_cls",
+                                        "linear_mean", "finetune", "curve", "backend")}
+            public["refresh_minutes"] = r.get("refresh_minutes")
+            public["settings"] = r.get("settings")
+            _write_json(os.path.join(args.results, f"{row}.json"), public)
+    table = markdown_table(results, pending)
     print(table)
-    with open(os.path.join(args.output, "table.md"), "w") as handle:
+    with open(os.path.join(args.state, "table.md"), "w") as handle:
         handle.write(table + "\n")
     if args.plot:
-        plot(results, args.plot, [load_results(folder, ("mae", "famt")) for folder in args.curve_from])
+        plot(results, args.plot)
     return results
 
 

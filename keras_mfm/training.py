@@ -257,12 +257,13 @@ def _truncate_history(path, epochs):
 
 
 # -- the run -------------------------------------------------------------------------------------
-def pretrain(config):
-    """Runs (or, with `resume`, continues) the pre-training of `config`; returns a summary dict."""
-    return _run(config, resume=False)
+def pretrain(config, callbacks=()):
+    """Runs the pre-training of `config`; returns a summary dict. `callbacks`: more Keras callbacks
+    for every epoch's `fit` (after the library's own, before the checkpoint)."""
+    return _run(config, resume=False, extra_callbacks=callbacks)
 
 
-def resume(output):
+def resume(output, callbacks=()):
     """Continues the run in `output` from its last checkpoint (its own saved settings)."""
     path = os.path.join(output, "config.json")
     if not os.path.isfile(path):
@@ -270,10 +271,10 @@ def resume(output):
     with open(path) as handle:
         config = PretrainConfig.from_json(json.load(handle)["config"])
     config.output = output
-    return _run(config, resume=True)
+    return _run(config, resume=True, extra_callbacks=callbacks)
 
 
-def _run(config, resume):
+def _run(config, resume, extra_callbacks=()):
     validate(config)
     if config.tensorboard_every is not None and config.tensorboard_every < 1:
         raise ValueError(f"--tensorboard-every must be >= 1, got {config.tensorboard_every}.")
@@ -289,7 +290,7 @@ def _run(config, resume):
     # The policy of the layers built from here on (a resumed model keeps the one it was saved with).
     keras.config.set_dtype_policy(config.precision)
     try:
-        return _train(config, resume, replication)
+        return _train(config, resume, replication, list(extra_callbacks))
     finally:
         keras.config.set_dtype_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
@@ -309,7 +310,7 @@ def _new_model(config, num_images, steps, total_steps):
     return model
 
 
-def _train(config, resume, replication):
+def _train(config, resume, replication, extra_callbacks=()):
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output, exist_ok=True)
 
@@ -376,6 +377,7 @@ def _train(config, resume, replication):
         )
         callbacks.append(refresh)  # after EpochStats: the refresh time counts in the epoch's time
     callbacks.append(keras.callbacks.TerminateOnNaN())
+    callbacks += list(extra_callbacks)
     if chief:
         callbacks += [
             AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),

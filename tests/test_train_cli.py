@@ -32,9 +32,11 @@ def test_train_writes_encoder_config_history_and_resumes(tmp_path):
     info = json.load(open(os.path.join(output, "config.json")))
     assert info["backend"] == BACKEND and info["steps_per_epoch"] == 2 and info["train_images"] == 16
     schedule = info["learning_rate"]  # the warm-up + cosine schedule, not its value at one step
-    assert schedule["class_name"] == "CosineDecay" and schedule["config"]["decay_steps"] >= 1
-    peak = schedule["config"]["warmup_target"] or schedule["config"]["initial_learning_rate"]
-    assert peak > 0
+    assert schedule["class_name"] == "WarmupSchedule" and schedule["config"]["total_steps"] == 4
+    assert schedule["config"]["peak_lr"] > 0 and schedule["config"]["decay"] == "cosine"
+    # MFM's recipe, recorded: timm's cosine over the whole run, min lr 2.5e-6 x B / 512, clip 3.0
+    assert info["recipe"]["name"] == "mfm" and info["recipe"]["clip_norm"] == 3.0 and info["init"] == "mfm"
+    assert not schedule["config"]["warmup_prefix"]
     history = read_history(output)
     assert [row["epoch"] for row in history] == ["0", "1"]
     assert all(np.isfinite(float(row["loss"])) for row in history)
