@@ -61,80 +61,89 @@ def test_raw_pixel_baseline_separates_separable_pixels(bench):
     assert result["train_images"] == 120 and result["test_images"] == 60
 
 
-def fake_result(row, knn, linear, pretrain_seconds=None, refresh=0.0):
-    result = {"row": row, "evaluation": {"knn_top1": knn, "linear_top1": linear}, "eval_seconds": 60.0,
-              "eval_cpu_seconds": 30.0}
-    if pretrain_seconds is not None:
-        result["pretrain"] = {"pretrain_wall_seconds": pretrain_seconds, "pretrain_cpu_seconds": 120.0,
-                              "fit_seconds": pretrain_seconds - 10,
-                              "refresh_seconds": refresh,
-                              "fit_seconds_without_refresh": pretrain_seconds - 10 - refresh,
-                              "final_loss": 0.5}
+def fake_result(row, knn, linear, cpu_minutes=0.0, refresh=None):
+    result = {"row": row, "method": row, "backend": "torch", "budget": {"passes": 5, "steps": 1950},
+              "knn_cls": knn, "knn_mean": knn + 1, "linear_cls": linear, "linear_mean": linear + 1,
+              "finetune": None if row == "pixels" else linear + 10, "cpu_minutes": cpu_minutes,
+              "eval_cpu_minutes": 0.5, "curve": [] if row in ("random", "pixels") else
+              [{"fraction": 0.5, "cpu_minutes": cpu_minutes / 2, "knn_cls": knn - 1, "knn_mean": knn},
+               {"fraction": 1.0, "cpu_minutes": cpu_minutes, "knn_cls": knn, "knn_mean": knn + 1}]}
+    if row == "pixels":
+        result["knn_mean"] = result["linear_mean"] = None
+    if refresh is not None:
+        result["refresh_minutes"] = refresh
     return result
 
 
-def test_finished_rows_are_skipped_and_tabulated(tmp_path, bench, capsys):
+def test_finished_rows_are_skipped(tmp_path, bench, capsys):
     root = write_folder(str(tmp_path / "set"), per_class=2)
-    output = tmp_path / "study"
+    state, results_dir = tmp_path / "study", tmp_path / "results"
     rows = {"random": fake_result("random", 29.0, 37.0), "pixels": fake_result("pixels", 32.0, 35.0),
-            "mae": fake_result("mae", 30.0, 38.0, 600.0), "famt": fake_result("famt", 31.0, 39.0, 540.0, 120.0)}
+            "mae": fake_result("mae", 30.0, 38.0, 10.0), "famt": fake_result("famt", 31.0, 39.0, 9.0, 2.0)}
     for row, result in rows.items():
-        (output / row).mkdir(parents=True)
-        (output / row / "result.json").write_text(json.dumps(result))
-    results = bench.main(["--data", root, "--output", str(output), "--methods", "mae,famt", "--pretrain-images", "0",
-                          "--plot", str(tmp_path / "plot.png")])
+        (state / row).mkdir(parents=True)
+        (state / row / "result.json").write_text(json.dumps(result))
+    results = bench.main(["--data", root, "--state", str(state), "--rows", "random,pixels,mae,famt",
+                          "--results", str(results_dir)])
     assert results == rows
-    out = capsys.readouterr().out
-    assert out.count("done already") == 4
-    table = (output / "table.md").read_text().splitlines()
-    assert table[0] == ("| row | pre-training CPU min | pre-training wall min (refresh) | loss | k-NN top-1 "
-                        "| linear top-1 | eval CPU min (wall) |")
-    assert table[2:] == [
-        "| random init | none | none |  | 29.00 | 37.00 | 0.5 (1.0) |",
-        "| raw pixels | none | none |  | 32.00 | 35.00 | 0.5 (1.0) |",
-        "| mae | 2.0 | 10.0 | 0.5000 | 30.00 | 38.00 | 0.5 (1.0) |",
-        "| famt | 2.0 | 9.0 (2.0) | 0.5000 | 31.00 | 39.00 | 0.5 (1.0) |",
+    assert capsys.readouterr().out.count("done already") == 4
+    saved = json.load(open(results_dir / "famt.json"))
+    assert saved["knn_mean"] == 32.0 and saved["refresh_minutes"] == 2.0 and saved["curve"][-1]["fraction"] == 1.0
+
+
+def test_table_json_and_plot_of_finished_rows(tmp_path, bench):
+    rows = {"random": fake_result("random", 29.0, 37.0), "pixels": fake_result("pixels", 32.0, 35.0),
+            "mae": fake_result("mae", 30.0, 38.0, 10.0), "famt": fake_result("famt", 31.0, 39.0, 9.0, 2.0)}
+    table = bench.markdown_table(rows, pending=["amt", "simmim"]).splitlines()
+    assert table[0].startswith("| row | passes (steps) | pre-training CPU min")
+    assert table[2:6] == [
+        "| random init | none | none | 29.00 | 30.00 | 37.00 | 38.00 | 47.00 | 0.5 |",
+        "| raw pixels | none | none | 32.00 |  | 35.00 |  |  | 0.5 |",
+        "| mae | 5 (1950) | 10.0 | 30.00 | 31.00 | 38.00 | 39.00 | 48.00 | 0.5 |",
+        "| famt | 5 (1950) | 9.0 (2.0) | 31.00 | 32.00 | 39.00 | 40.00 | 49.00 | 0.5 |",
     ]
-    assert "\n".join(table) in out and os.path.getsize(tmp_path / "plot.png") > 0
-    with pytest.raises(SystemExit, match="unknown method"):
-        bench.main(["--data", root, "--output", str(output), "--methods", "mfm,bogus"])
+    assert table[-1] == "Pending rows: amt, simmim."
+    bench.plot(rows, str(tmp_path / "plot.png"))
+    assert os.path.getsize(tmp_path / "plot.png") > 0
+    with pytest.raises(SystemExit, match="unknown row"):
+        bench.rows_of(bench.parse_args(["--rows", "mfm,bogus"]))
 
 
-@pytest.mark.slow  # a real (tiny) pre-training of two methods: ~30 s alone, minutes on a loaded machine
-def test_tiny_study_writes_rows_table_skips_finished_rows_and_resumes(tmp_path, bench, capsys):
+def test_budget_is_passes_over_the_whole_split(bench):
+    args = bench.parse_args([])
+    assert bench.budget(args, 50_000) == (10, 195)  # 5 passes of 50,000 at 128 = 1,953 steps -> 10 x 195
+    assert [r for r in bench.ROWS[:5]] == ["random", "pixels", "mfm", "mae", "famt"]
+    other = bench.parse_args(["--passes", "2"])
+    assert bench.budget_key(other) != bench.budget_key(args)
+
+
+@pytest.mark.slow  # a real (tiny) study of four rows: ~1 min alone, minutes on a loaded machine
+def test_tiny_study_writes_rows_curves_json_and_resumes(tmp_path, bench, capsys):
     root = write_folder(str(tmp_path / "set"), per_class=12, size=(16, 16))
-    output = str(tmp_path / "study")
-    argv = ["--data", root, "--output", output, "--methods", "mfm,mae", "--baselines", "random,pixels",
-            "--depth", "1", "--image-size", "16", "--batch-size", "8", "--epochs", "1", "--steps-per-epoch", "1",
+    state, results_dir = str(tmp_path / "study"), str(tmp_path / "results")
+    argv = ["--data", root, "--state", state, "--results", results_dir, "--rows", "random,pixels,mfm,famt",
+            "--depth", "1", "--image-size", "16", "--batch-size", "8", "--passes", "1", "--segments", "3",
             "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--train-images", "20",
-            "--probe-epochs", "2", "--verbose", "0", "--plot", str(tmp_path / "plot.png")]
+            "--probe-epochs", "2", "--finetune-epochs", "1", "--verbose", "0", "--plot", str(tmp_path / "plot.png")]
     results = bench.main(argv)
-    assert list(results) == ["random", "pixels", "mfm", "mae"]
+    assert list(results) == ["random", "pixels", "mfm", "famt"]
     for row, result in results.items():
-        saved = json.load(open(os.path.join(output, row, "result.json")))
-        assert saved["row"] == row and saved["eval_seconds"] >= 0
-        metrics = saved["evaluation"]
-        assert 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["linear_top1"] <= 100
-        assert metrics["train_images"] == 20 and metrics["test_images"] == 24
-        if row in ("mfm", "mae"):
-            info = saved["pretrain"]
-            assert info["steps"] == 1 and info["pretrain_wall_seconds"] > 0 and info["refresh_seconds"] == 0
-    table = open(os.path.join(output, "table.md")).read().splitlines()
-    assert table[0].startswith("| row | pre-training CPU min") and len(table) == 2 + 4
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["random init", "raw pixels", "mfm", "mae"]
+        saved = json.load(open(os.path.join(results_dir, f"{row}.json")))
+        for key in ("method", "budget", "cpu_minutes", "knn_cls", "knn_mean", "linear_cls", "linear_mean",
+                    "finetune", "curve"):
+            assert key in saved, key
+        if row in ("mfm", "famt"):
+            assert [p["fraction"] for p in saved["curve"]] == [0.125, 0.25, 0.5, 1.0]
+            assert saved["cpu_minutes"] > 0 and 0 <= saved["finetune"] <= 100
+    assert results["famt"]["refresh_minutes"] > 0  # refreshed at segments 1 and 2
     assert os.path.isfile(tmp_path / "plot.png")
     capsys.readouterr()
-
-    # a second call skips every finished row
-    before = os.path.getmtime(os.path.join(output, "mfm", "result.json"))
     bench.main(argv)
-    out = capsys.readouterr().out
-    assert out.count("done already") == 4
-    assert os.path.getmtime(os.path.join(output, "mfm", "result.json")) == before
-
-    # a row whose pre-training did not record its end resumes from its checkpoint
-    for name in ("result.json", "pretrain.json"):
-        os.remove(os.path.join(output, "mae", name))
-    results = bench.main(argv)
-    assert "[mae] resuming the pre-training" in capsys.readouterr().out
-    assert results["mae"]["pretrain"]["resumed"] is True
+    assert capsys.readouterr().out.count("done already") == 4
+    # a row killed after its pre-training resumes: only the missing parts are computed
+    os.remove(os.path.join(state, "mfm", "result.json"))
+    os.remove(os.path.join(state, "mfm", "finetune.json"))
+    before = os.path.getmtime(os.path.join(state, "mfm", "frozen_cls.json"))
+    again = bench.main(argv)
+    assert again["mfm"]["finetune"] == results["mfm"]["finetune"]
+    assert os.path.getmtime(os.path.join(state, "mfm", "frozen_cls.json")) == before
