@@ -128,7 +128,13 @@ def parse_args(argv=None):
 
 # -- FLOPs ----------------------------------------------------------------------------------------------
 def token_counts(num_patches, mask_ratio, throw_ratio):
-    masked, thrown = int(num_patches * mask_ratio), int(num_patches * throw_ratio)
+    """The authors' counts: MAE keeps int(N (1 - r)); AMT/FAMT mask int(N m), throw
+    int(N (m + t)) - int(N m) (as `keras_mfm.masking.token_counts`)."""
+    if not throw_ratio:
+        keep = int(num_patches * (1 - mask_ratio))
+        return num_patches - keep, 0, keep
+    masked = int(num_patches * mask_ratio)
+    thrown = int(num_patches * (mask_ratio + throw_ratio)) - masked
     return masked, thrown, num_patches - masked - thrown
 
 

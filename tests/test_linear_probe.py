@@ -51,7 +51,7 @@ def batches(images, labels, size=16):
 
 
 def tiny_vit(size=8):
-    return backbones.ViTBackbone(image_size=size, patch_size=4, hidden_dim=16, depth=1, num_heads=2)
+    return backbones.ViTBackbone(image_size=size, patch_size=4, hidden_dim=64, depth=1, num_heads=2)
 
 
 def test_linear_probe_on_images_and_its_classifier(tmp_path):
