@@ -229,6 +229,8 @@ class AdamW(keras.optimizers.AdamW):
                  bias_corrected_epsilon=True, **kwargs):
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, **kwargs)
+        if self.amsgrad and bias_corrected_epsilon:
+            raise ValueError("`amsgrad=True` is only supported with `bias_corrected_epsilon=False`.")
         self.bias_corrected_epsilon = bool(bias_corrected_epsilon)
 
     def get_config(self):
@@ -244,9 +246,7 @@ class AdamW(keras.optimizers.AdamW):
 
     def update_step(self, gradient, variable, learning_rate):
         """Keras' Adam step with epsilon `eps * sqrt(1 - b2^s)` when `bias_corrected_epsilon`."""
-        if not self.bias_corrected_epsilon or self.amsgrad:
-            if self.amsgrad and self.bias_corrected_epsilon:
-                raise ValueError("`amsgrad=True` is only supported with `bias_corrected_epsilon=False`.")
+        if not self.bias_corrected_epsilon:
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         lr = keras.ops.cast(learning_rate, dtype)

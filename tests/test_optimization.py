@@ -214,3 +214,9 @@ def test_adamw_serialises_and_is_the_recipe_optimizer():
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(restored) is optimization.AdamW
     assert restored.get_config()["global_clipnorm"] == 3.0 and restored.get_config()["beta_2"] == 0.95
+
+
+def test_amsgrad_needs_keras_epsilon_convention():
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        optimization.AdamW(amsgrad=True)
+    assert optimization.AdamW(amsgrad=True, bias_corrected_epsilon=False).amsgrad
