@@ -469,6 +469,26 @@ def run_row(args, row, data_spec):
     return result
 
 
+# Settings that do not change a row's numbers (where it runs, what it reports).
+_NEUTRAL_SETTINGS = ("rows", "threads", "data", "plot", "verbose", "state", "results")
+
+
+def published_result(args, row):
+    """The row's committed `--results/<row>.json` when it was made with the same settings (budget,
+    model, protocols, seed, backend, data file), so that a fresh machine does not redo it; else None."""
+    if not args.results:
+        return None
+    public = _read_json(os.path.join(args.results, f"{row}.json"))
+    if not public or not public.get("settings"):
+        return None
+    ours = {k: v for k, v in vars(args).items() if k not in _NEUTRAL_SETTINGS}
+    theirs = {k: v for k, v in public["settings"].items() if k not in _NEUTRAL_SETTINGS}
+    same_data = os.path.basename(str(public["settings"].get("data"))) == os.path.basename(str(args.data))
+    if ours != theirs or not same_data:
+        return None
+    return dict(public, row=row, published=True)
+
+
 def rows_of(args):
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for name in rows:
@@ -496,7 +516,7 @@ def markdown_table(results, pending=()):
             cpu += f" ({r['refresh_minutes']:.1f})"
         lines.append(f"| {name} | {steps} | {cpu} | {_cell(r['knn_cls'])} | {_cell(r['knn_mean'])} "
                      f"| {_cell(r['linear_cls'])} | {_cell(r['linear_mean'])} | {_cell(r['finetune'])} "
-                     f"| {_cell(r['eval_cpu_minutes'], 1)} |")
+                     f"| {_cell(r.get('eval_cpu_minutes'), 1)} |")
     if pending:
         lines.append("")
         lines.append(f"Pending rows: {', '.join(pending)}.")
@@ -552,6 +572,12 @@ def main(argv=None):
         if os.path.isfile(path):
             print(f"[{row}] done already: {path}", flush=True)
             continue
+        published = published_result(args, row)
+        if published is not None:
+            print(f"[{row}] done already, same settings: {os.path.join(args.results, row + '.json')}", flush=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_json(path, published)
+            continue
         print(f"[{row}] starting at {time.strftime('%H:%M:%S')}", flush=True)
         result = run_row(args, row, data_spec)
         result["settings"] = {k: v for k, v in vars(args).items() if k not in ("plot", "verbose", "state", "results")}
@@ -568,6 +594,7 @@ def main(argv=None):
             public = {k: r[k] for k in ("method", "budget", "cpu_minutes", "knn_cls", "knn_mean", "linear_cls",
                                         "linear_mean", "finetune", "curve", "backend")}
             public["refresh_minutes"] = r.get("refresh_minutes")
+            public["eval_cpu_minutes"] = r.get("eval_cpu_minutes")
             public["settings"] = r.get("settings")
             _write_json(os.path.join(args.results, f"{row}.json"), public)
     table = markdown_table(results, pending)

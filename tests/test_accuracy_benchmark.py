@@ -91,6 +91,26 @@ def test_finished_rows_are_skipped(tmp_path, bench, capsys):
     assert saved["knn_mean"] == 32.0 and saved["refresh_minutes"] == 2.0 and saved["curve"][-1]["fraction"] == 1.0
 
 
+def test_committed_rows_with_the_same_settings_are_not_redone(tmp_path, bench, capsys):
+    """A fresh machine (empty state) adopts a row's committed JSON when its settings match, and
+    redoes it when any setting that changes the numbers differs."""
+    root = write_folder(str(tmp_path / "set"), per_class=2)
+    results_dir = tmp_path / "results"
+    argv = ["--data", root, "--rows", "random", "--results", str(results_dir), "--backend", "torch"]
+    settings = {k: v for k, v in vars(bench.parse_args(argv)).items()
+                if k not in ("plot", "verbose", "state", "results")}
+    public = dict(fake_result("random", 29.0, 37.0), settings=dict(settings, threads=1, rows="random,pixels"))
+    results_dir.mkdir()
+    (results_dir / "random.json").write_text(json.dumps(public))
+    results = bench.main(argv + ["--state", str(tmp_path / "fresh")])
+    assert "done already, same settings" in capsys.readouterr().out
+    assert results["random"]["knn_cls"] == 29.0 and results["random"]["published"]
+    assert (tmp_path / "fresh" / "random" / "result.json").is_file()
+    other = bench.parse_args(argv + ["--seed", "1"])
+    assert bench.published_result(other, "random") is None  # another seed: not the same row
+    assert bench.published_result(bench.parse_args(argv + ["--results", ""]), "random") is None
+
+
 def test_table_json_and_plot_of_finished_rows(tmp_path, bench):
     rows = {"random": fake_result("random", 29.0, 37.0), "pixels": fake_result("pixels", 32.0, 35.0),
             "mae": fake_result("mae", 30.0, 38.0, 10.0), "famt": fake_result("famt", 31.0, 39.0, 9.0, 2.0)}
