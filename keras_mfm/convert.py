@@ -14,8 +14,10 @@ The written `encoder.keras` is like train.py's: `eval.py linear --encoder encode
 
 Reading: `torch.load(path, map_location="cpu", weights_only=True)` (no code from the file runs).
 Training checkpoints that also pickle plain Python objects (MAE's `args` Namespace, NumPy scalars)
-are read with inert stand-ins for those objects; a file whose objects cannot be rebuilt that way
-(a yacs `CfgNode`, as in MFM's training checkpoints) is refused with a one-line recipe. The state
+are read with inert stand-ins for those objects, and the configuration dicts some of them pickle
+(yacs' `CfgNode` in MFM's released files, `EasyDict`, `AttrDict`) as plain ordered dicts; a file
+whose objects cannot be rebuilt that way is refused with a one-line recipe. `.safetensors` files
+(timm, Hugging Face) are read with the `safetensors` package. The state
 dict is found inside `{"model": ...}`, `{"state_dict": ...}` or `{"module": ...}`; the prefix
 `module.` (DDP) is removed, and when keys start with `encoder.` (MFM, SimMIM) or `backbone.` only
 those are loaded: everything else (the decoder) is reported as unused. `prefix=` picks another one.
@@ -80,13 +82,14 @@ import pickle
 import re
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
 from keras_mfm import cli
+from keras_mfm.cli import BACKENDS
 
-BACKENDS = ("tensorflow", "jax", "torch")
 CONTAINER_KEYS = ("state_dict", "model", "module")
 ENCODER_PREFIXES = ("encoder.", "backbone.")
 #: top-level ViT parameters of architectures ViTBackbone does not have
@@ -166,6 +169,18 @@ class _Inert:
         pass
 
 
+#: dict subclasses that training scripts pickle as their configuration (MFM: yacs' CfgNode); read as
+#: plain ordered dicts, since torch.load(weights_only=True) fills only real dicts with items
+DICT_CONFIG_CLASSES = ("CfgNode", "EasyDict", "AttrDict")
+
+
+def _stand_in(name):
+    """The inert class read in place of the pickled class `name` ("module.Class")."""
+    if name.rsplit(".", 1)[-1] in DICT_CONFIG_CLASSES:
+        return OrderedDict
+    return type(name.rsplit(".", 1)[-1], (_Inert,), {})
+
+
 def _first_line(error):
     return (str(error).strip().splitlines() or [""])[0][:200]
 
@@ -175,6 +190,8 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConversionError(f"No checkpoint file at {path}.")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
     import torch
 
     def corrupt(error):
@@ -196,7 +213,7 @@ def read_checkpoint(path):
         raise corrupt(error) from error
     if not names:
         raise corrupt(refusal) from refusal
-    stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
+    stand_ins = [(_stand_in(name), name) for name in names]
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -205,6 +222,30 @@ def read_checkpoint(path):
             f"{path} pickles Python objects ({', '.join(names[:4])}) that torch.load(weights_only=True) "
             "will not rebuild; if you trust the file, save its state dict alone and convert that: "
             f"torch.save(torch.load(PATH, weights_only=False)['model'], 'weights.pth')."
+        ) from error
+
+
+def read_safetensors(path):
+    """The `{name: tensor}` dict of a `.safetensors` file (no pickle: nothing in it can run)."""
+    try:
+        import safetensors
+    except ImportError:
+        raise ConversionError(
+            f"Reading {path} needs the safetensors package: pip install safetensors (or keras-mfm[safetensors])."
+        ) from None
+    try:  # PyTorch tensors when PyTorch is installed (bfloat16 has no NumPy dtype), else NumPy arrays
+        import torch  # noqa: F401
+
+        framework = "pt"
+    except ImportError:
+        framework = "numpy"
+    try:
+        with safetensors.safe_open(path, framework=framework) as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise ConversionError(
+            f"Cannot read the safetensors file {path}: it is corrupt or truncated "
+            f"({type(error).__name__}: {_first_line(error)})."
         ) from error
 
 
@@ -674,7 +715,7 @@ def convert_checkpoint(checkpoint, backbone="vit_base", image_size=224, patch_si
 # -- command line ---------------------------------------------------------------------------------
 def _parser():
     parser = cli.OneLineParser(prog="convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pth, .pt, .bin)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pth, .pt, .bin) or .safetensors file")
     parser.add_argument("--backbone", required=True,
                         help="preset: vit_tiny | vit_small | vit_base | resnet50 (= resnet50_v1_5)")
     parser.add_argument("--image-size", type=int, default=224, help="default: 224")
@@ -703,10 +744,12 @@ def _error(message):
 
 
 def main(argv=None):
-    """`python -m keras_mfm.convert ...`; returns the exit code (0, or 2 after a one-line error)."""
+    """`keras-mfm-convert` / `python -m keras_mfm.convert ...`; returns the exit code (0, or 2 after a
+    one-line error)."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args, exit_code = cli.parse_and_select_backend("keras_mfm.convert", _parser(), argv,
-                                                   replace_process=__name__ == "__main__")
+                                                   replace_process=as_program)
     if args is None:
         return exit_code
     import keras
@@ -735,6 +778,11 @@ def main(argv=None):
     print(f"converted {args.checkpoint} ({report.summary()}) to {args.output} "
           f"({args.backbone}, {height}x{width}, {keras.backend.backend()} backend)")
     return 0
+
+
+def console_main():
+    """The `keras-mfm-convert` command."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ import tempfile
 import warnings
 
 from keras_mfm import cli
+from keras_mfm.cli import BACKENDS
 
 FORMATS = ("saved_model", "onnx")
-BACKENDS = ("tensorflow", "jax", "torch")
 POOLINGS = ("cls", "mean")
 #: the backends that export each format in-process; from the others, the model is re-opened under TensorFlow
 NATIVE = {"saved_model": ("tensorflow", "jax"), "onnx": ("tensorflow", "torch")}
@@ -344,10 +344,12 @@ def _error(message):
 
 
 def main(argv=None):
-    """`python -m keras_mfm.export ...`; returns the exit code (0, or 2 after a one-line error)."""
+    """`keras-mfm-export` / `python -m keras_mfm.export ...`; returns the exit code (0, or 2 after a
+    one-line error)."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args, exit_code = cli.parse_and_select_backend("keras_mfm.export", _parser(), argv,
-                                                   replace_process=__name__ == "__main__")
+                                                   replace_process=as_program)
     if args is None:
         return exit_code
     import keras
@@ -365,6 +367,11 @@ def main(argv=None):
     print(f"exported {outputs} of {args.encoder} as {args.format} to {output} "
           f"({keras.backend.backend()} backend{via})")
     return 0
+
+
+def console_main():
+    """The `keras-mfm-export` command."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

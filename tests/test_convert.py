@@ -20,6 +20,7 @@ from keras_mfm.convert import (
     ConversionError,
     convert_checkpoint,
     load_torch_state_dict,
+    read_checkpoint,
     main,
     resample_position_embedding,
 )
@@ -369,6 +370,53 @@ def test_missing_and_unsupported_keys():
 
 class Config(dict):
     """Like yacs' CfgNode: a dict subclass, which torch.load(weights_only=True) cannot rebuild."""
+
+
+def test_vit_safetensors_file_features_match(tmp_path):
+    """timm / Hugging Face ship `.safetensors`: the same weights as the .pth give the same encoder."""
+    from safetensors.torch import save_file
+
+    reference = TorchViT(seed=4)
+    path = str(tmp_path / "model.safetensors")
+    save_file({key: value.contiguous() for key, value in timm_state(reference).items()}, path)
+    encoder, report = convert_checkpoint(path, "vit_tiny", return_report=True, **VIT)
+    x = images(2, seed=4)
+    assert np.abs(to_numpy(encoder(x)) - reference(x)).max() < ATOL
+    assert report.unused == [] and report.missing == [] and report.source == path
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(ConversionError, match=f"Cannot read the safetensors file {broken}: it is corrupt"):
+        convert_checkpoint(str(broken), "vit_tiny", **VIT)
+
+
+def test_vit_mfm_release_with_a_yacs_config_is_read_without_running_it(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    yacs, yacs_config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class Node(dict):  # pickled as yacs.config.CfgNode: NEWOBJ, SETITEMS, BUILD of its flags
+        def __init__(self, values=None):
+            super().__init__({k: Node(v) if isinstance(v, dict) else v for k, v in (values or {}).items()})
+            self.__dict__["__immutable__"] = False
+
+    Node.__module__, Node.__qualname__, Node.__name__ = "yacs.config", "CfgNode", "CfgNode"
+    yacs_config.CfgNode = Node
+    monkeypatch.setitem(sys.modules, "yacs", yacs)
+    monkeypatch.setitem(sys.modules, "yacs.config", yacs_config)
+    reference = TorchViT(seed=5)
+    config = Node({"MODEL": {"TYPE": "vit", "VIT": {"DEPTH": 2}}, "TRAIN": {"EPOCHS": 300}})
+    state = {f"encoder.{key}": value for key, value in timm_state(reference).items()}
+    path = save({"model": state, "config": config, "epoch": 299, "max_accuracy": 0.0}, tmp_path / "mfm_release.pth")
+    monkeypatch.delitem(sys.modules, "yacs.config")  # yacs is not installed where we read it
+    monkeypatch.delitem(sys.modules, "yacs")
+
+    checkpoint = read_checkpoint(path)
+    assert type(checkpoint["config"]).__name__ == "OrderedDict"  # an inert dict, not yacs' class
+    assert checkpoint["config"]["TRAIN"]["EPOCHS"] == 300 and checkpoint["epoch"] == 299
+    encoder = convert_checkpoint(path, "vit_tiny", **VIT)
+    x = images(2, seed=5)
+    assert np.abs(to_numpy(encoder(x)) - reference(x)).max() < ATOL
 
 
 def test_unreadable_files(tmp_path):

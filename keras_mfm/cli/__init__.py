@@ -1,14 +1,16 @@
-"""What the `python -m keras_mfm.<tool>` command lines share: one-line errors, and re-running the
-tool under another Keras backend (`python -m` imports keras_mfm, hence Keras, before `main` runs,
-so `--backend` can only take effect in a fresh process)."""
+"""What keras_mfm's command lines share (`keras-mfm-train`, `-eval`, `-export`, `-convert`, and the
+`train.py` / `eval.py` scripts): one-line errors, and re-running a tool under another Keras backend
+(importing keras_mfm imports Keras, so a `--backend` read after that can only take effect in a fresh
+process; the scripts set it before, from the command line)."""
 
 import argparse
 import os
 import subprocess
 import sys
 
+BACKENDS = ("tensorflow", "jax", "torch")
 CHILD_ENV = "KERAS_MFM_CLI_CHILD"  # set in the processes started here (no re-run loops)
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class UsageError(Exception):
@@ -73,3 +75,9 @@ def parse_and_select_backend(module, parser, argv, replace_process):
     if args.backend and keras.backend.backend() != args.backend:
         return None, rerun_under_backend(module, argv, args.backend, replace_process)
     return args, None
+
+
+def quiet_tensorflow(argv):
+    """TensorFlow's C++ start-up log lines (level 2: warnings and info) hidden unless `--verbose`."""
+    if "--verbose" not in argv:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
