@@ -526,3 +526,59 @@ def finetune_dataset(
 
         dataset = tf.data.Dataset.zip((dataset, coins)).map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# -- your own data for AMT/FAMT ---------------------------------------------------------------------
+def with_index(images, box=None, flip=None):
+    """Your training images as the inputs an AMT/FAMT model looks its importance maps up with:
+    `{"images", "index", "box", "flip"}`.
+
+    - A NumPy array `(N, H, W, 3)` in [0, 1] -> a dict of arrays for `model.fit(x=...)` (which
+      shuffles rows together): `index` 0..N-1, and unless given, the whole image (`box` (N, 4) =
+      (0, 0, 1, 1) as (y0, x0, y1, x1) fractions) and no flip (`flip` (N,) int 0/1).
+    - A `tf.data.Dataset` of single images (or `(image, ...)` tuples), **before** shuffling,
+      augmentation and batching -> the same dict per element, `index` its position. If you crop or
+      flip the image afterwards, update "box" and "flip" in the same map, so that the map follows.
+
+    The refresh scores the same images un-augmented in the same order: `indexed_batches`.
+    """
+    if type(images).__module__.startswith("tensorflow") and hasattr(images, "element_spec"):
+        return _dataset_with_index(images)
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"with_index: images must be (N, height, width, 3); got shape {images.shape}.")
+    count = len(images)
+    box = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], "float32"), (count, 1)) if box is None else np.asarray(box, "float32")
+    flip = np.zeros(count, "int32") if flip is None else np.asarray(flip, "int32")
+    if box.shape != (count, 4) or flip.shape != (count,):
+        raise ValueError(f"with_index: box must be ({count}, 4) and flip ({count},); got {box.shape} and {flip.shape}.")
+    return {"images": images, "index": np.arange(count, dtype="int64"), "box": box, "flip": flip}
+
+
+def _dataset_with_index(dataset):
+    tf = _tf()
+    spec = dataset.element_spec
+    image_spec = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(image_spec, tf.TensorSpec) or image_spec.shape.rank != 3:
+        raise ValueError(
+            f"with_index: the data set must yield single images (height, width, 3), before batching; its "
+            f"elements are {spec}. Apply with_index first, then shuffle, augment and batch."
+        )
+
+    def view(index, element):
+        image = element[0] if isinstance(element, tuple) else element
+        return {"images": image, "index": index, "box": tf.constant([0.0, 0.0, 1.0, 1.0]),
+                "flip": tf.constant(0, tf.int32)}
+
+    return dataset.enumerate().map(view)
+
+
+def indexed_batches(images, batch_size=256):
+    """`(images, index)` batches of `images` (an `(N, H, W, 3)` array) in order: what
+    `importance.ImportanceRefresh(dataset_fn=lambda: indexed_batches(images))` scores."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"indexed_batches: images must be (N, height, width, 3); got shape {images.shape}.")
+    # a list of views (no copy of the images), so that progress bars know the number of batches
+    return [(images[start:start + batch_size], np.arange(start, min(start + batch_size, len(images)), dtype="int64"))
+            for start in range(0, len(images), batch_size)]

@@ -24,7 +24,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_mfm import backbones, data, distribution, methods, optimization
+from keras_mfm import backbones, data, distribution, inputs, methods, optimization
 from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
     CHECKPOINT,
@@ -105,6 +105,7 @@ class PretrainConfig:
     eval: str = "knn,linear"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
     eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
     eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
+    monitor_knn: int = None  # every N epochs, k-NN top-1 on the eval images in history.csv (None: off)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -174,6 +175,8 @@ def validate(config):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
     if config.eval != "none" and not set(eval_protocols(config)) <= {"knn", "linear"}:
         raise ValueError(f"Unknown --eval {config.eval!r}; choose knn, linear, knn,linear or none.")
+    if config.monitor_knn is not None and config.monitor_knn < 1:
+        raise ValueError(f"--monitor-knn must be >= 1 epoch, got {config.monitor_knn}.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
@@ -377,6 +380,16 @@ def _train(config, resume, replication, extra_callbacks=()):
         )
         callbacks.append(refresh)  # after EpochStats: the refresh time counts in the epoch's time
     callbacks.append(keras.callbacks.TerminateOnNaN())
+    if config.monitor_knn:
+        from keras_mfm import evaluation
+
+        # the same seeded images as the final k-NN, checked before the first step
+        splits = evaluation.load_evaluation_data(source, config.eval_train_images, config.eval_test_images)
+        callbacks.append(evaluation.KNNMonitor(
+            lambda: splits.datasets(model.encoder.image_size, config.batch_size)[0],
+            lambda: splits.datasets(model.encoder.image_size, config.batch_size)[1],
+            every=config.monitor_knn, verbose=config.verbose,
+        ))
     callbacks += list(extra_callbacks)
     if chief:
         callbacks += [
@@ -401,10 +414,16 @@ def _train(config, resume, replication, extra_callbacks=()):
             train_split, config.image_size, config.batch_size, steps, epoch, seed=config.seed, skip_steps=skip,
             with_geometry=uses_importance, cached=cached,
         )
-        history = model.fit(
-            batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - skip, callbacks=callbacks,
-            verbose=config.verbose, shuffle=False,  # the batches are shuffled per epoch already
-        )
+        try:
+            history = model.fit(
+                batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - skip, callbacks=callbacks,
+                verbose=config.verbose, shuffle=False,  # the batches are shuffled per epoch already
+            )
+        except inputs.ImageInputError as error:
+            raise TrainingError(
+                f"{error} (epoch {epoch}); training stopped. The last good checkpoint is {checkpoint}"
+                + ("" if os.path.isfile(checkpoint) else " (none was written yet)") + "."
+            ) from None
         loss = history.history.get("loss", [float("nan")])[-1]
         if model.stop_training or not math.isfinite(loss):
             raise TrainingError(

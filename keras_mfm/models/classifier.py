@@ -14,6 +14,7 @@ Heads (SPEC.md):
 import keras
 from keras import ops
 
+from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.models.base import EncoderModel
 
 HEADS = ("linear_probe", "finetune")
@@ -56,6 +57,7 @@ class ImageClassifier(EncoderModel):
             raise ValueError(f"Unknown head {head!r}; choose one of {HEADS}.")
         if class_names is not None and len(class_names) != int(num_classes):
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes.")
+        encoder = as_encoder(encoder)
         if pooling is None:
             is_vit = hasattr(encoder, "patch_size")
             pooling = ("cls" if head == "linear_probe" else "mean") if is_vit else "mean"

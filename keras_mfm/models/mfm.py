@@ -21,7 +21,7 @@ from keras_mfm.frequency import frequency_loss
 from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Conv2D
 from keras_mfm.layers.frequency_masking import FrequencyMasking
-from keras_mfm.models.base import EncoderModel
+from keras_mfm.models.base import PretrainingModel
 
 LOSSES = ("frequency", "pixel")
 
@@ -65,7 +65,7 @@ class PixelShuffleHead(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")
-class MFM(EncoderModel):
+class MFM(PretrainingModel):
     """Encoder + corruption + one-layer head, trained with the frequency loss.
 
     Args:

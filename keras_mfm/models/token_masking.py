@@ -17,23 +17,21 @@ from keras import ops
 from keras_mfm.distribution import scale_loss_for_replicas
 from keras_mfm.importance import IMPORTANCE_METHODS
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
-from keras_mfm.models.base import EncoderModel
+from keras_mfm.models.base import PretrainingModel
 
 
 def whole_image_inputs(images, index=None):
-    """AMT/FAMT inputs for images used as they are (no crop, no flip): `{"images", "index" (B,)
-    (default 0..B-1), "box" (B, 4) = (0, 0, 1, 1), "flip" (B,) int32 0}`, the layout of
-    `data.pretraining_dataset(with_geometry=True)`; each image's stored map is then used unchanged."""
-    count = len(images)
-    return {
-        "images": images,
-        "index": np.arange(count) if index is None else np.asarray(index),
-        "box": np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], "float32"), (count, 1)),
-        "flip": np.zeros(count, "int32"),
-    }
+    """AMT/FAMT inputs for images used as they are (no crop, no flip): `data.with_index(images)`,
+    with `index` (B,) instead of 0..B-1 if given; each image's stored map is then used unchanged."""
+    from keras_mfm.data import with_index  # NumPy only: no TensorFlow import
+
+    inputs = with_index(images)
+    if index is not None:
+        inputs["index"] = np.asarray(index)
+    return inputs
 
 
-class TokenMaskingModel(EncoderModel):
+class TokenMaskingModel(PretrainingModel):
     """Base of MAE and SimMIM: a ViT encoder, mask/throw ratios and an optional importance table.
 
     Inputs: images `(B, H, W, 3)` in [0, 1], or `{"images": ..., "importance": (B, N)}` to draw the
@@ -131,6 +129,21 @@ class TokenMaskingModel(EncoderModel):
             if self.importance and not self.importance_ready:
                 mask_ratio, throw_ratio, rule = self.warmup_mask_ratio, 0.0, "mae"
         return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False, rule=rule)
+
+    def check_batch(self, batch, where):
+        """Also: an AMT/FAMT model needs each image's index (and crop box and flip) to look up its
+        importance map; without them it would mask at random after the refresh, silently."""
+        super().check_batch(batch, where)
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not self.importance or (isinstance(x, dict) and "importance" in x):
+            return
+        missing = [key for key in ("index", "box", "flip") if not (isinstance(x, dict) and key in x)]
+        if missing:
+            raise ValueError(
+                f"{where}: {self.importance.upper()} looks up each image's importance map by its index, but the "
+                f"inputs have no {', '.join(repr(k) for k in missing)}; pass "
+                "`keras_mfm.data.with_index(images)` (or a dict with 'importance' maps)."
+            )
 
     # -- loss ----------------------------------------------------------------------------------
     def reconstruction_loss(self, images, prediction, masked):
