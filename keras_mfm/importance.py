@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_mfm.masking import amt_importance, check_weights, famt_importance
+from keras_mfm.inputs import progress_bar
 
 IMPORTANCE_METHODS = ("amt", "famt")
 
@@ -45,7 +46,7 @@ def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbo
     """
     scorer = scorer or ImportanceScorer(encoder, method, cutoff)
     table = np.ones((num_images, encoder.num_patches), "float32")
-    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
+    progress = progress_bar(dataset, verbose)
     seen = 0
     for images, index in dataset:
         index = np.asarray(index)

@@ -6,6 +6,7 @@
 from keras_mfm.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from keras_mfm.backbones.resnet import ResNetBackbone
 from keras_mfm.backbones.vit import ViTBackbone
+from keras_mfm.backbones.wrapped import KerasEncoder, as_encoder
 
 #: name -> (class, keyword arguments). ViT presets take any patch size (default 16).
 BACKBONE_PRESETS = {
@@ -47,7 +48,9 @@ __all__ = [
     "Backbone",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "KerasEncoder",
     "ResNetBackbone",
     "ViTBackbone",
+    "as_encoder",
     "get_backbone",
 ]

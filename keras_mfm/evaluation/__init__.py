@@ -4,6 +4,7 @@
 - `linear_probe`: BatchNorm (no affine) + linear head on frozen features, LARS (MAE).
 - `finetune`: end-to-end fine-tuning with layer-wise lr decay, drop path, label smoothing,
   RandAugment / RandomErasing / MixUp / CutMix (MAE/MFM recipe).
+- `KNNMonitor`: a callback logging k-NN top-1 every N epochs of pre-training.
 - `robustness`: top-1 under common corruptions (severities 1-5) and FGSM.
 
 Each has an `*_on_data(encoder_or_classifier, "--data spec", ...)` form that loads the splits.
@@ -22,6 +23,7 @@ from keras_mfm.evaluation.features import (
 from keras_mfm.evaluation.finetune import SoftTargetCrossEntropy, copy_encoder, finetune, finetune_on_data
 from keras_mfm.evaluation.frozen import FROZEN_PROTOCOLS, evaluate_frozen_on_data
 from keras_mfm.evaluation.knn import evaluate_knn, evaluate_knn_on_data, knn_accuracy, knn_predict
+from keras_mfm.evaluation.monitor import KNNMonitor
 from keras_mfm.evaluation.linear_probe import (
     linear_probe,
     linear_probe_on_data,
@@ -34,6 +36,7 @@ __all__ = [
     "EvaluationData",
     "FROZEN_PROTOCOLS",
     "Features",
+    "KNNMonitor",
     "Result",
     "SoftTargetCrossEntropy",
     "check_class_count",

@@ -9,6 +9,9 @@ import dataclasses
 import keras
 import numpy as np
 
+from keras_mfm import inputs
+from keras_mfm.inputs import progress_bar
+
 
 class Result(dict):
     """A protocol's metrics (a JSON-ready dict); `.classifier` holds the trained classifier, if any."""
@@ -39,13 +42,16 @@ def extract_features(encoder, dataset, pooling=None, verbose=0):
 
 def extract_split_features(encoder, datasets, pooling=None, verbose=0):
     """`extract_features` of several data sets (e.g. train and test) with one compiled extractor."""
+    from keras_mfm.backbones import as_encoder
+
+    encoder = as_encoder(encoder)
     pooling = pooling or default_pooling(encoder)
     # A functional wrapper, so `predict_on_batch` runs one compiled function per batch shape.
     inputs = keras.Input((*encoder.image_size, 3))
     extractor = keras.Model(inputs, encoder.pooled_features(encoder(inputs, training=False), pooling))
     results = []
     for dataset in datasets:
-        features, labels = _map_batches(extractor, dataset, verbose)
+        features, labels = _map_batches(extractor, dataset, verbose, check=tuple(encoder.image_size))
         results.append(Features(features.astype("float32"), labels))
     return results
 
@@ -60,10 +66,14 @@ def top1(logits, labels):
     return 100.0 * float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
 
 
-def _map_batches(model, dataset, verbose=0):
+def _map_batches(model, dataset, verbose=0, check=None):
+    """Outputs and labels of every `(images, labels)` batch; `check`: the image size the first batch
+    must have (and the rest of the input contract, `inputs.check_images`)."""
     outputs, labels = [], []
-    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
+    progress = progress_bar(dataset, verbose)
     for images, batch_labels in dataset:
+        if check is not None and not outputs:
+            inputs.check_images(images, "extract_features", image_size=check)
         outputs.append(np.asarray(model.predict_on_batch(np.asarray(images))))
         labels.append(np.asarray(batch_labels))
         if progress:

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.evaluation.features import Result, load_evaluation_data, predict_logits, top1
 from keras_mfm.models.classifier import ImageClassifier
 from keras_mfm.optimization import no_weight_decay_variables, warmup_cosine_schedule
@@ -50,6 +51,7 @@ class SoftTargetCrossEntropy(keras.losses.Loss):
 
 def copy_encoder(encoder, drop_path_rate=None):
     """A fresh copy of `encoder` with its weights (and, for a ViT, a new drop-path rate)."""
+    encoder = as_encoder(encoder)
     encoder.ensure_built()
     config = encoder.get_config()
     if drop_path_rate is not None and "drop_path_rate" in config:
@@ -157,6 +159,7 @@ def finetune_on_data(encoder, source, batch_size=128, train_images=None, test_im
     `finetune` (epochs, base_lr, layer_decay, ...)."""
     from keras_mfm import data
 
+    encoder = as_encoder(encoder)
     splits = load_evaluation_data(source, train_images, test_images, seed)
     steps_per_epoch = splits.train.num_examples // batch_size
     if steps_per_epoch < 1:

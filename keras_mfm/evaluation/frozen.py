@@ -2,6 +2,7 @@
 
 import time
 
+from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.evaluation.features import Result, default_pooling, extract_split_features, load_evaluation_data
 from keras_mfm.evaluation.knn import knn_accuracy
 from keras_mfm.evaluation.linear_probe import linear_probe_on_features
@@ -22,6 +23,7 @@ def evaluate_frozen_on_data(encoder, source, protocols=FROZEN_PROTOCOLS, batch_s
         if protocol not in FROZEN_PROTOCOLS:
             raise ValueError(f"Unknown frozen-encoder protocol {protocol!r}; choose from {FROZEN_PROTOCOLS}.")
     start = time.perf_counter()
+    encoder = as_encoder(encoder)
     splits = load_evaluation_data(source, train_images, test_images, seed)
     pooling = pooling or default_pooling(encoder)
     train, test = extract_split_features(encoder, splits.datasets(encoder.image_size, batch_size), pooling, verbose)

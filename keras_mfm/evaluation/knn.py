@@ -10,6 +10,7 @@ import time
 import numpy as np
 from keras import ops
 
+from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.evaluation.features import Result, default_pooling, extract_split_features, load_evaluation_data
 
 
@@ -70,6 +71,7 @@ def evaluate_knn_on_data(encoder, source, batch_size=256, train_images=None, tes
                          k=20, temperature=0.07, pooling=None, verbose=0):
     """`evaluate_knn` on a data source (spec or `DataSource`): seeded subsets of its splits when
     `train_images`/`test_images` are given, each image resized to the encoder's size."""
+    encoder = as_encoder(encoder)
     splits = load_evaluation_data(source, train_images, test_images, seed)
     return evaluate_knn(encoder, *splits.datasets(encoder.image_size, batch_size), k=k, temperature=temperature,
                         pooling=pooling, verbose=verbose)

@@ -19,6 +19,7 @@ import time
 import keras
 import numpy as np
 
+from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.evaluation.features import (
     Result,
     default_pooling,
@@ -159,6 +160,7 @@ def linear_probe_on_data(encoder, source, batch_size=256, train_images=None, tes
 
     `batch_size` is the feature-extraction batch; the head's is `options["probe_batch_size"]`.
     """
+    encoder = as_encoder(encoder)
     splits = load_evaluation_data(source, train_images, test_images, seed)
     options["batch_size"] = options.pop("probe_batch_size", 256)
     return linear_probe(

@@ -18,6 +18,7 @@ from keras import ops
 from keras_mfm import corruptions as corruption_lib
 from keras_mfm.backend_gradients import input_gradient
 from keras_mfm.evaluation.features import Result
+from keras_mfm.inputs import progress_bar
 
 
 def fgsm(classifier, images, labels, epsilon):
@@ -86,7 +87,7 @@ def robustness(classifier, test_dataset, corruptions=None, severities=(1, 2, 3, 
     correct = {"clean": 0}
     total = 0
     image_size = None
-    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
+    progress = progress_bar(test_dataset, verbose)
     for images, labels in test_dataset:
         images, labels = np.asarray(images, "float32"), np.asarray(labels, "int64")
         image_size = images.shape[1:3]
