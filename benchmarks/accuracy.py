@@ -337,7 +337,7 @@ def pretrain_row(args, method, data_spec, row_dir, train_images):
         print(f"[{method}] resuming the pre-training in {run_dir}", flush=True)
         run = training.resume(run_dir, callbacks=callbacks)
     else:
-        run = training.pretrain(config, callbacks=callbacks)
+        run = training.pretrain(config, callbacks=callbacks, overwrite=True)  # no checkpoint: nothing to keep
     run_info = run["info"]
     refreshes = run_info.get("importance_refreshes", [])
     info = {

@@ -178,3 +178,74 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         save_atomically(self.model, os.path.join(self.directory, CHECKPOINT), state)
         write_json_atomically(os.path.join(self.directory, CHECKPOINT_STATE),
                               {key: value for key, value in state.items() if key != "rng"})
+
+
+LOCK = ".keras_mfm.lock"
+
+
+class RunLock:
+    """Marks a run folder as being written by this process (`OUTPUT/.keras_mfm.lock`: host and pid),
+    so that a second run into the same folder stops at once instead of interleaving its files. A lock
+    left by a process that no longer runs on this host (a killed run) is taken over."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOCK)
+        self.held = False
+
+    def acquire(self):
+        import socket
+
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                    os.remove(self.path)  # stale: its process is gone
+                    continue
+                who = f"process {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+                raise RunFolderError(
+                    f"{os.path.dirname(self.path)} is being written by {who} (lock file {self.path}); wait for it, "
+                    "or use another --output. If no run is writing it, delete the lock file."
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return self
+        raise RunFolderError(f"Cannot lock the run folder {os.path.dirname(self.path)}.")
+
+    def _owner(self):
+        try:
+            with open(self.path) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be written as asked (locked, or holding another run)."""
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # exists but not ours, or unreadable: assume alive
+    return True

@@ -756,6 +756,9 @@ def main(argv=None):
 
     if not args.output.endswith(".keras"):
         return _error(f"--output must be a .keras file, got {args.output}.")
+    problem = cli.output_problem(args.output)
+    if problem:
+        return _error(problem)
 
     names = ("depth", "hidden_dim", "num_heads", "mlp_ratio", "position_embedding", "layer_norm_epsilon")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -771,9 +774,13 @@ def main(argv=None):
             )
     except (ValueError, TypeError) as error:  # ConversionError, bad presets / arguments
         return _error(error)
-    parent = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(parent, exist_ok=True)
-    encoder.save(args.output)
+    except OSError as error:
+        return _error(cli.os_error_line(error))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        encoder.save(args.output)
+    except OSError as error:
+        return _error(cli.os_error_line(error))
     height, width = encoder.image_size
     print(f"converted {args.checkpoint} ({report.summary()}) to {args.output} "
           f"({args.backbone}, {height}x{width}, {keras.backend.backend()} backend)")

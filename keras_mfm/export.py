@@ -356,11 +356,16 @@ def main(argv=None):
 
     from keras_mfm.checkpoints import TrainingError
 
+    problem = cli.output_problem(args.output, "--output", folder=args.format == "saved_model")
+    if problem:
+        return _error(problem)
     try:
         output = export_encoder(args.encoder, args.output, format=args.format, pooling=args.pooling,
                                 with_classifier=args.with_classifier)
     except (ValueError, TrainingError, ExportError, NotImplementedError) as error:
         return _error(error)
+    except OSError as error:
+        return _error(cli.os_error_line(error))
     outputs = " + ".join(output_names(args.with_classifier))
     route = export_route(args.format)
     via = " via tensorflow" if route == "tensorflow" else ""

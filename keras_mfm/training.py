@@ -32,6 +32,8 @@ from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file 
     AtomicCheckpoint,
     EpochProgress,
     ResumedEpochLoss,
+    RunFolderError,
+    RunLock,
     TrainingError,
     load_checkpoint,
     load_model_file,
@@ -260,24 +262,64 @@ def _truncate_history(path, epochs):
 
 
 # -- the run -------------------------------------------------------------------------------------
-def pretrain(config, callbacks=()):
+RUN_FILES = ("config.json", "history.csv", CHECKPOINT, ENCODER, "metrics.json")
+
+
+def pretrain(config, callbacks=(), overwrite=False):
     """Runs the pre-training of `config`; returns a summary dict. `callbacks`: more Keras callbacks
-    for every epoch's `fit` (after the library's own, before the checkpoint)."""
-    return _run(config, resume=False, extra_callbacks=callbacks)
+    for every epoch's `fit` (after the library's own, before the checkpoint). A `config.output` that
+    already holds a run is refused unless `overwrite` (then its run files are replaced)."""
+    return _run(config, resume=False, extra_callbacks=callbacks, overwrite=overwrite)
 
 
-def resume(output, callbacks=()):
-    """Continues the run in `output` from its last checkpoint (its own saved settings)."""
+def recorded_run(output):
+    """The `config.json` record of the run in `output` (TrainingError when there is none)."""
     path = os.path.join(output, "config.json")
     if not os.path.isfile(path):
         raise TrainingError(f"Nothing to resume in {output}: no config.json.")
-    with open(path) as handle:
-        config = PretrainConfig.from_json(json.load(handle)["config"])
+    try:
+        with open(path) as handle:
+            info = json.load(handle)
+        info["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrainingError(f"Cannot resume {output}: {path} is not a keras_mfm run record ({error}).") from None
+    return info
+
+
+def resume(output, callbacks=()):
+    """Continues the run in `output` from its last checkpoint, with its own saved settings, on the
+    backend it was trained on (another backend draws other random streams: refused)."""
+    info = recorded_run(output)
+    backend = info.get("backend")
+    if backend and backend != keras.backend.backend():
+        raise TrainingError(
+            f"The run in {output} was trained on the {backend} backend, this process runs "
+            f"{keras.backend.backend()}: resume it with --backend {backend} (KERAS_BACKEND={backend})."
+        )
+    config = PretrainConfig.from_json(info["config"])
     config.output = output
     return _run(config, resume=True, extra_callbacks=callbacks)
 
 
-def _run(config, resume, extra_callbacks=()):
+def _claim_output(output, resume, overwrite):
+    """Checks that a new run may write `output` (refuses another run's folder unless `overwrite`,
+    then removes that run's files); raises TrainingError with what to do instead."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise TrainingError(f"--output {output} is a file, not a folder; choose a folder.")
+    if resume:
+        return
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output, name))]
+    if existing and not overwrite:
+        raise TrainingError(
+            f"{output} already holds a run ({', '.join(existing)}); --resume continues it, --overwrite replaces "
+            "it, or choose another --output."
+        )
+    for name in existing + [CHECKPOINT_STATE]:
+        if os.path.exists(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+
+
+def _run(config, resume, extra_callbacks=(), overwrite=False):
     validate(config)
     if config.tensorboard_every is not None and config.tensorboard_every < 1:
         raise ValueError(f"--tensorboard-every must be >= 1, got {config.tensorboard_every}.")
@@ -292,9 +334,20 @@ def _run(config, resume, extra_callbacks=()):
     distribution.check_precision(config.precision)
     # The policy of the layers built from here on (a resumed model keeps the one it was saved with).
     keras.config.set_dtype_policy(config.precision)
+    lock = None
     try:
+        if replication.is_chief:  # only the first process writes files
+            _claim_output(config.output, resume, overwrite)
+            os.makedirs(config.output, exist_ok=True)
+            lock = RunLock(config.output).acquire()
+            if not resume:
+                _claim_output(config.output, resume, overwrite)  # a run that started meanwhile
         return _train(config, resume, replication, list(extra_callbacks))
+    except RunFolderError as error:
+        raise TrainingError(str(error)) from None
     finally:
+        if lock is not None:
+            lock.release()
         keras.config.set_dtype_policy(previous_policy)
         keras.distribution.set_distribution(previous_distribution)
 

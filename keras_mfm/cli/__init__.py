@@ -30,6 +30,34 @@ def error_line(program, message):
     return 2
 
 
+def os_error_line(error):
+    """An `OSError` as one line naming the path: "cannot write /x/y: Permission denied"."""
+    path = error.filename or ""
+    reason = error.strerror or str(error)
+    return f"{reason}: {path}" if path else reason
+
+
+def output_problem(path, flag="--output", folder=False):
+    """Why `path` cannot be written (a file, or a folder with `folder=True`), checked before any
+    work is done, so that nothing computed is lost at the end; None when it can."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{flag} {path} is a file, not a folder."
+    elif os.path.isdir(path):
+        return f"{flag} {path} is a folder; give a file name."
+    ancestor = path if folder else os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{flag} {path} cannot be written: {ancestor} is a file, not a folder."
+    if not os.access(ancestor, os.W_OK):
+        return f"{flag} {path} cannot be written: {ancestor} is not writable."
+    return None
+
+
 def child_env(backend):
     """The environment of a child keras_mfm process under `backend` (finds this package)."""
     env = dict(os.environ, KERAS_BACKEND=backend, **{CHILD_ENV: "1"})

@@ -318,6 +318,11 @@ def main(argv=None, program="eval.py"):
 
     from keras_mfm import data, training
 
+    for path, flag, folder in ((getattr(args, "output", None), "--output", args.command == "show"),
+                               (getattr(args, "save_classifier", None), "--save-classifier", False)):
+        problem = cli.output_problem(path, flag, folder)
+        if problem:
+            return cli.error_line(f"{program} {args.command}", problem)
     try:
         if args.command == "show":
             for path in show(args):
@@ -325,8 +330,9 @@ def main(argv=None, program="eval.py"):
             return 0
         metrics, classifier = run(args)
     except (data.DataError, ValueError, training.TrainingError, FloatingPointError) as error:
-        print(f"{program} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return cli.error_line(f"{program} {args.command}", error)
+    except OSError as error:
+        return cli.error_line(f"{program} {args.command}", cli.os_error_line(error))
     source = args.classifier if getattr(args, "classifier", None) else (args.encoder or f"random-init {args.random_init}")
     metrics.update({"source": source, "data": args.data, "backend": keras.backend.backend()})
     print(summary(args.command, metrics))

@@ -51,7 +51,8 @@ def _methods_epilog(argv):
             + "\n".join(recipes))
 
 
-def parse_args(argv=None):
+def build_parser(argv=None):
+    """The command line's `ArgumentParser` (its --help epilog lists the methods when `argv` asks)."""
     parser = argparse.ArgumentParser(
         description="Self-supervised pre-training of a ViT or ResNet-50 encoder with keras_mfm "
         "(Masked Frequency Modeling, its restoration baselines, MAE/AMT/FAMT, SimMIM). Runs on the "
@@ -68,6 +69,8 @@ def parse_args(argv=None):
                      help="image folder with train/ and test/ (one sub-folder per class), a .tar.gz of one, "
                      "or tfds:NAME (default: tfds:cifar10, which needs the network)")
     run.add_argument("--output", default="runs/mfm", help="output folder")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --output folder that already holds one (its files are replaced)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its last checkpoint, with its saved settings")
     run.add_argument("--seed", type=int, default=0, help="random seed (weights, masks, data order)")
@@ -196,7 +199,76 @@ def parse_args(argv=None):
                        help="AdamW weight decay (default: the recipe's, 0.05; which variables it skips is the recipe's)")
     optim.add_argument("--clip-norm", type=float, default=None,
                        help="global gradient-norm clipping, 0: off (default: the recipe's)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser(argv).parse_args(argv)
+
+
+def given_flags(argv):
+    """The destinations of the flags written in `argv` (not those left at their defaults)."""
+    parser = build_parser([])
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+#: flags that do not change what a run computes, allowed with --resume
+RESUME_FLAGS = {"resume", "output", "backend", "quiet", "verbose"}
+#: flag destinations whose PretrainConfig field has another name
+FLAG_FIELDS = {"full_spectrum_loss": "masked_loss", "jit": "jit_compile", "no_jit": "jit_compile"}
+
+
+def resume_conflicts(args, argv, recorded):
+    """`--flag value (the run has X)` for every flag given with --resume that differs from the run's
+    recorded settings `recorded` (config.json's "config")."""
+    import json
+
+    given = given_flags(argv) - RESUME_FLAGS
+    wanted = json.loads(json.dumps(config_from_args(args).to_json()))  # tuples as lists, like the record
+    conflicts = []
+    for dest in sorted(given):
+        if dest == "overwrite":
+            conflicts.append("--overwrite (a resumed run keeps its files)")
+            continue
+        field = FLAG_FIELDS.get(dest, dest)
+        if field in wanted and wanted[field] != recorded.get(field):
+            conflicts.append(f"--{dest.replace('_', '-')} {wanted[field]} (the run has {recorded.get(field)})")
+    return conflicts
+
+
+def config_from_args(args):
+    """The `PretrainConfig` of parsed command-line `args`."""
+    from keras_mfm import training
+
+    return training.PretrainConfig(
+        method=args.method, backbone=args.backbone, image_size=args.image_size,
+        patch_size=args.patch_size, depth=args.depth, data=args.data or "tfds:cifar10",
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        recipe=args.recipe, init=args.init,
+        base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
+        p_low=args.p_low, outer_radius=args.outer_radius,
+        radius_range=tuple(args.radius_range) if args.radius_range else None,
+        masked_loss=not args.full_spectrum_loss, loss=args.loss, gamma=args.gamma, focal=args.focal,
+        focal_alpha=args.focal_alpha, focal_log=args.focal_log, focal_batch=args.focal_batch,
+        sr_factor=args.sr_factor, blur_sigma=args.blur_sigma,
+        blur_kernel_sizes=tuple(args.blur_kernel_sizes) if args.blur_kernel_sizes else None,
+        noise_sigma=args.noise_sigma, mask_patch_size=args.mask_patch_size,
+        mask_ratio=args.mask_ratio, throw_ratio=args.throw_ratio, refresh_warmup=args.refresh_warmup,
+        refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+        norm_pix_loss=args.norm_pix_loss,
+        seed=args.seed, checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
+        tensorboard_every=args.tensorboard_every, output=args.output, jit_compile=False if args.no_jit else True if args.jit else "auto",
+        precision=args.precision, distribute=args.distribute, devices=args.devices,
+        cpu_devices=args.cpu_devices, coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes, process_id=args.process_id,
+        verbose=0 if args.quiet else 1, eval=args.eval,
+        eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
+        monitor_knn=args.monitor_knn,
+    )
 
 
 def main(argv=None, program="train.py"):
@@ -205,6 +277,23 @@ def main(argv=None, program="train.py"):
     as_program = argv is None
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
+    if args.resume:  # the run's own backend and settings, before Keras loads
+        import json
+
+        try:
+            with open(os.path.join(args.output, "config.json")) as handle:
+                record = json.load(handle)
+            recorded_backend, recorded = record.get("backend"), record["config"]
+        except FileNotFoundError:
+            return cli.error_line(program, f"Nothing to resume in {args.output}: no config.json.")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return cli.error_line(program, f"Cannot resume {args.output}: its config.json is unreadable ({error}).")
+        if args.backend and recorded_backend and args.backend != recorded_backend:
+            return cli.error_line(program, f"the run in {args.output} was trained on the {recorded_backend} backend; "
+                                           f"--resume continues it there (drop --backend {args.backend}).")
+        args.backend = args.backend or recorded_backend
+        if args.backend and args.backend not in argv:
+            argv = [*argv, "--backend", args.backend]
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     cli.quiet_tensorflow(argv)
@@ -217,39 +306,19 @@ def main(argv=None, program="train.py"):
 
     try:
         if args.resume:
+            conflicts = resume_conflicts(args, argv, recorded)
+            if conflicts:
+                return cli.error_line(program, f"--resume continues the run in {args.output} with its recorded "
+                                               f"settings; these flags differ: {'; '.join(conflicts)}. Drop them, "
+                                               "or start a new run (another --output, or --overwrite).")
             result = training.resume(args.output)
         else:
-            config = training.PretrainConfig(
-                method=args.method, backbone=args.backbone, image_size=args.image_size,
-                patch_size=args.patch_size, depth=args.depth, data=args.data or "tfds:cifar10",
-                epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                recipe=args.recipe, init=args.init,
-                base_lr=args.base_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-                weight_decay=args.weight_decay, clip_norm=args.clip_norm, radius=args.radius,
-                p_low=args.p_low, outer_radius=args.outer_radius,
-                radius_range=tuple(args.radius_range) if args.radius_range else None,
-                masked_loss=not args.full_spectrum_loss, loss=args.loss, gamma=args.gamma, focal=args.focal,
-                focal_alpha=args.focal_alpha, focal_log=args.focal_log, focal_batch=args.focal_batch,
-                sr_factor=args.sr_factor, blur_sigma=args.blur_sigma,
-                blur_kernel_sizes=tuple(args.blur_kernel_sizes) if args.blur_kernel_sizes else None,
-                noise_sigma=args.noise_sigma, mask_patch_size=args.mask_patch_size,
-                mask_ratio=args.mask_ratio, throw_ratio=args.throw_ratio, refresh_warmup=args.refresh_warmup,
-                refresh_interval=args.refresh_interval, decoder_dim=args.decoder_dim,
-                decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
-                norm_pix_loss=args.norm_pix_loss,
-                seed=args.seed, checkpoint_steps=args.checkpoint_steps, tensorboard=args.tensorboard,
-                tensorboard_every=args.tensorboard_every, output=args.output, jit_compile=False if args.no_jit else True if args.jit else "auto",
-                precision=args.precision, distribute=args.distribute, devices=args.devices,
-                cpu_devices=args.cpu_devices, coordinator_address=args.coordinator_address,
-                num_processes=args.num_processes, process_id=args.process_id,
-                verbose=0 if args.quiet else 1, eval=args.eval,
-                eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
-                monitor_knn=args.monitor_knn,
-            )
-            result = training.pretrain(config)
+            config = config_from_args(args)
+            result = training.pretrain(config, overwrite=args.overwrite)
     except (data.DataError, distribution.DistributionError, ValueError, training.TrainingError) as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return 2
+        return cli.error_line(program, error)
+    except OSError as error:  # the file system: a read-only folder, a full disk, a path under a file
+        return cli.error_line(program, cli.os_error_line(error))
     info = result["info"]
     print(
         f"done: {info['epochs_done']} epoch(s) of {info['config']['method']} on {info['backend']}, "

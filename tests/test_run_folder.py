@@ -1,0 +1,103 @@
+"""A run folder nobody can corrupt: a finished run is not overwritten unless asked, a folder being
+written is locked (a stale lock is taken over), `--resume` keeps the run's backend and settings,
+and paths that cannot be written are one line before any work."""
+
+import json
+import os
+import subprocess
+
+import keras
+import pytest
+
+import eval as eval_script
+import train
+from keras_mfm import training
+from keras_mfm.checkpoints import LOCK
+from tests.conftest import BACKEND
+from tests.test_data import write_folder
+
+SMALL = ["--depth", "1", "--batch-size", "8", "--image-size", "16", "--patch-size", "4", "--eval", "none", "--quiet",
+         "--epochs", "1", "--steps-per-epoch", "1"]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=4)
+    output = str(tmp_path / "run")
+    assert train.main(["--data", root, "--output", output, *SMALL]) == 0
+    return root, output
+
+
+def test_a_finished_run_is_kept_unless_overwrite_is_asked(finished_run, capsys):
+    root, output = finished_run
+    before = {name: open(os.path.join(output, name), "rb").read() for name in ("config.json", "history.csv")}
+    assert train.main(["--data", root, "--output", output, *SMALL, "--seed", "5"]) == 2
+    err = one_error_line(capsys)
+    assert f"{output} already holds a run (config.json, history.csv" in err and "--overwrite replaces it" in err
+    for name, content in before.items():  # nothing of the finished run was touched
+        assert open(os.path.join(output, name), "rb").read() == content
+    assert train.main(["--data", root, "--output", output, *SMALL, "--seed", "5", "--overwrite"]) == 0
+    assert json.load(open(os.path.join(output, "config.json")))["config"]["seed"] == 5
+    assert not os.path.exists(os.path.join(output, LOCK))  # released at the end
+
+
+def test_a_folder_being_written_is_locked_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    root = write_folder(str(tmp_path / "set"), per_class=4)
+    output = str(tmp_path / "run")
+    os.makedirs(output)
+    import socket
+
+    lock = os.path.join(output, LOCK)
+    with open(lock, "w") as handle:  # a live writer: this very process
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, handle)
+    assert train.main(["--data", root, "--output", output, *SMALL]) == 2
+    err = one_error_line(capsys)
+    assert f"is being written by process {os.getpid()}" in err and LOCK in err
+    assert not os.path.exists(os.path.join(output, "config.json"))
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now: the lock of a killed run
+    with open(lock, "w") as handle:
+        json.dump({"host": socket.gethostname(), "pid": gone.pid}, handle)
+    assert train.main(["--data", root, "--output", output, *SMALL]) == 0
+    assert not os.path.exists(lock)
+
+
+def test_resume_refuses_other_settings_and_another_backend(finished_run, capsys):
+    _, output = finished_run
+    assert train.main(["--resume", "--output", output, "--epochs", "5", "--lr", "1", "--method", "mae", "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "these flags differ: --epochs 5 (the run has 1); --lr 1.0 (the run has None); --method mae (the run " \
+           "has mfm)" in err
+    # flags equal to the record are fine: the run is finished, nothing more to train
+    assert train.main(["--resume", "--output", output, "--epochs", "1", "--quiet"]) == 0
+    other = next(b for b in ("tensorflow", "jax", "torch") if b != BACKEND)
+    assert train.main(["--resume", "--output", output, "--backend", other, "--quiet"]) == 2
+    assert f"was trained on the {BACKEND} backend; --resume continues it there" in one_error_line(capsys)
+    # the Python API refuses too (another backend draws other random streams)
+    record = json.load(open(os.path.join(output, "config.json")))
+    record["backend"] = other
+    json.dump(record, open(os.path.join(output, "config.json"), "w"))
+    with pytest.raises(training.TrainingError, match=f"trained on the {other} backend.*--backend {other}"):
+        training.resume(output)
+
+
+def test_paths_that_cannot_be_written_are_one_line_before_any_work(finished_run, tmp_path, capsys):
+    root, output = finished_run
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").close()
+    assert train.main(["--data", root, "--output", a_file, *SMALL]) == 2
+    assert f"--output {a_file} is a file, not a folder" in one_error_line(capsys)
+    assert train.main(["--data", root, "--output", os.path.join(a_file, "run"), *SMALL]) == 2
+    assert "Not a directory" in one_error_line(capsys)
+    encoder = os.path.join(output, "encoder.keras")
+    assert eval_script.main(["knn", "--encoder", encoder, "--data", root, "--output",
+                             os.path.join(a_file, "metrics.json")]) == 2
+    assert f"cannot be written: {a_file} is a file, not a folder" in one_error_line(capsys)
+    assert keras.saving.load_model(encoder) is not None  # the run is untouched
