@@ -141,16 +141,38 @@ class ResumedEpochLoss(keras.callbacks.Callback):
             logs["loss"] = (mean * done + float(logs["loss"]) * (self.steps_per_epoch - done)) / self.steps_per_epoch
 
 
+HISTORY = "history.csv"
+
+
+def write_history(directory, rows):
+    """`directory/history.csv` from the epoch rows (dicts with "epoch"), atomically: the columns
+    `epoch` then every other key, sorted (as Keras' CSVLogger)."""
+    keys = sorted({key for row in rows for key in row} - {"epoch"})
+    path = os.path.join(directory, HISTORY)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(",".join(["epoch", *keys]) + "\n")
+        for row in rows:
+            handle.write(",".join([str(int(row["epoch"])), *(repr(float(row[k])) if k in row else "" for k in keys)])
+                         + "\n")
+    os.replace(path + ".tmp", path)
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Writes `checkpoint.keras` (with its state) after every epoch and, with `every_steps`, every
-    that many steps inside an epoch; never with a non-finite loss, so the last good one stays."""
+    that many steps inside an epoch; never with a non-finite loss, so the last good one stays.
 
-    def __init__(self, directory, steps_per_epoch, every_steps=None, progress=None):
+    The epoch rows of history.csv travel inside the checkpoint's state, and the CSV is rewritten from
+    them after each epoch's checkpoint: a kill between the two loses no row (a resume rewrites the
+    CSV from the checkpoint). `history`: the rows of the epochs before this process (a resume).
+    """
+
+    def __init__(self, directory, steps_per_epoch, every_steps=None, progress=None, history=()):
         super().__init__()
         self.directory = directory
         self.steps_per_epoch = steps_per_epoch
         self.every_steps = every_steps
         self.progress = progress or EpochProgress()
+        self.history = [dict(row) for row in history]
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -166,18 +188,27 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.save(self.epoch, steps, running)
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs and "loss" in logs:
-            self.save(epoch + 1, 0, float(logs["loss"]))
+        if not logs or "loss" not in logs or not math.isfinite(float(logs["loss"])):
+            return
+        row = {"epoch": epoch}
+        for key, value in logs.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                continue  # not a number: not a history column
+        self.history = [r for r in self.history if r["epoch"] < epoch] + [row]
+        self.save(epoch + 1, 0, float(logs["loss"]))
+        write_history(self.directory, self.history)
 
     def save(self, epochs_done, steps_done, loss):
         if not math.isfinite(loss):
             return
         sync_model_state(self.model)
         state = {"epochs_done": epochs_done, "steps_done": steps_done, "epoch_loss": loss,
-                 "rng": rng_states(self.model)}
+                 "rng": rng_states(self.model), "history": self.history}
         save_atomically(self.model, os.path.join(self.directory, CHECKPOINT), state)
         write_json_atomically(os.path.join(self.directory, CHECKPOINT_STATE),
-                              {key: value for key, value in state.items() if key != "rng"})
+                              {key: value for key, value in state.items() if key not in ("rng", "history")})
 
 
 LOCK = ".keras_mfm.lock"

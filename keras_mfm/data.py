@@ -127,24 +127,70 @@ def resolve_data(spec):
     return DataSource(spec=spec, root=root)
 
 
-def list_image_folder(split_dir):
-    """`split_dir/<class>/<image>` -> (paths, labels, class_names), sorted. Raises `DataError`."""
+#: the first bytes of each image format tf.io.decode_image reads
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+#: folders that are never classes (archive tools' metadata, hidden folders)
+IGNORED_FOLDERS = ("__MACOSX",)
+
+
+def _is_class_folder(split_dir, name):
+    return os.path.isdir(os.path.join(split_dir, name)) and not name.startswith(".") and name not in IGNORED_FOLDERS
+
+
+def _unreadable(path):
+    """Why the image file `path` cannot be decoded (empty, or not an image format), or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        return error.strerror or "cannot be read"
+    if not head:
+        return "is empty (0 bytes)"
+    if not head.startswith(IMAGE_SIGNATURES):
+        return "is not a JPEG, PNG, GIF or BMP image (its first bytes say otherwise)"
+    return None
+
+
+def list_image_folder(split_dir, skip_unreadable=False):
+    """`split_dir/<class>/.../<image>` -> (paths, labels, class_names), sorted. Raises `DataError`.
+
+    Images in sub-folders of a class folder belong to that class. Every file is checked by its
+    first bytes: an empty or non-image file (e.g. text saved as .jpg) is a `DataError` naming it,
+    or with `skip_unreadable` is left out (with a warning counting them). A class folder without
+    images is an error (it would still take a label).
+    """
     if not os.path.isdir(split_dir):
         raise DataError(f"Missing data folder {split_dir}.")
-    class_names = sorted(
-        name for name in os.listdir(split_dir)
-        if os.path.isdir(os.path.join(split_dir, name)) and not name.startswith(".")
-    )
+    class_names = sorted(name for name in os.listdir(split_dir) if _is_class_folder(split_dir, name))
     if not class_names:
         raise DataError(f"Data folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>).")
-    paths, labels = [], []
+    paths, labels, skipped = [], [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(split_dir, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths.extend(os.path.join(folder, f) for f in files)
-        labels.extend([label] * len(files))
-    if not paths:
-        raise DataError(f"Data folder {split_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        files = []
+        for parent, folders, names in os.walk(folder):
+            folders[:] = sorted(f for f in folders if not f.startswith(".") and f not in IGNORED_FOLDERS)
+            files += [os.path.join(parent, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files.sort()
+        good = []
+        for path in files:
+            problem = _unreadable(path)
+            if problem is None:
+                good.append(path)
+            elif skip_unreadable:
+                skipped.append(path)
+            else:
+                raise DataError(f"Image file {path} {problem}; remove it (data.list_image_folder(..., skip_unreadable=True) leaves such files out).")
+        if not good:
+            raise DataError(f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it or "
+                            "add its images.")
+        paths.extend(good)
+        labels.extend([label] * len(good))
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{len(skipped)} unreadable image file(s) in {split_dir} left out, e.g. {skipped[0]}.",
+                      stacklevel=2)
     return paths, np.asarray(labels, dtype="int32"), class_names
 
 

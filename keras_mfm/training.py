@@ -38,6 +38,7 @@ from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file 
     load_checkpoint,
     load_model_file,
     save_atomically,
+    write_history,
     write_json_atomically,
 )
 
@@ -241,6 +242,21 @@ def _read_history_rows(path):
         return list(csv.DictReader(handle))
 
 
+def _read_history_numbers(path):
+    """history.csv's rows as numbers (a checkpoint without rows inside: an older version's run)."""
+    rows = []
+    for row in _read_history_rows(path):
+        values = {"epoch": int(row["epoch"])}
+        for key, value in row.items():
+            try:
+                values[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        values["epoch"] = int(row["epoch"])
+        rows.append(values)
+    return rows
+
+
 def _learning_rate_record(optimizer):
     """The learning rate as configured, for config.json: the schedule's serialised config (class
     and arguments: peak, warm-up, decay steps) or the constant (`optimizer.learning_rate` is only
@@ -378,8 +394,12 @@ def _train(config, resume, replication, extra_callbacks=()):
             f"{train_split.num_examples} training images are fewer than one batch of {config.batch_size}."
         )
     total_steps = steps * config.epochs
+    if eval_protocols(config) or config.monitor_knn:  # a missing test/ split or one class: found now, not after
+        from keras_mfm import evaluation
 
-    initial_epoch, initial_step, progress = 0, 0, EpochProgress()
+        evaluation.load_evaluation_data(source, config.eval_train_images, config.eval_test_images)
+
+    initial_epoch, initial_step, progress, state = 0, 0, EpochProgress(), None
     checkpoint = os.path.join(config.output, CHECKPOINT)
     if resume and os.path.isfile(checkpoint):
         with replication.scope():
@@ -415,9 +435,13 @@ def _train(config, resume, replication, extra_callbacks=()):
     if chief:
         write_json_atomically(os.path.join(config.output, "config.json"), run_info)
     history_path = os.path.join(config.output, "history.csv")
+    history_rows = state.get("history") if resume and state else None
     if chief:
-        if resume:
-            _truncate_history(history_path, initial_epoch)  # rows logged after the checkpoint are redone
+        if history_rows is not None:  # the rows of the epochs the checkpoint holds, whatever the CSV kept
+            history_rows = [row for row in history_rows if row["epoch"] < initial_epoch]
+            write_history(config.output, history_rows)
+        elif resume:
+            _truncate_history(history_path, initial_epoch)  # a checkpoint of an older version: no rows inside
         elif os.path.isfile(history_path):
             os.remove(history_path)
     callbacks = [ResumedEpochLoss(progress, steps), EpochStats(config.batch_size)]
@@ -445,10 +469,9 @@ def _train(config, resume, replication, extra_callbacks=()):
         ))
     callbacks += list(extra_callbacks)
     if chief:
-        callbacks += [
-            AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress),
-            keras.callbacks.CSVLogger(history_path, append=True),
-        ]
+        callbacks.append(AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress,
+                                          history=history_rows or _read_history_numbers(history_path) if resume
+                                          else ()))
     if config.tensorboard and chief:
         from keras_mfm.tensorboard import tensorboard_callbacks
 

@@ -113,3 +113,30 @@ def test_bad_data(tmp_path):
     split = data.load_split(write_folder(str(tmp_path / "few"), per_class=1), "train")
     with pytest.raises(data.DataError, match="fewer than one batch"):
         data.pretraining_dataset(split, 16, batch_size=64)
+
+
+def test_bad_image_files_are_named_and_folders_are_read_as_a_user_expects(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=2)
+    train = os.path.join(root, "train")
+    nested = os.path.join(train, "cat", "more")
+    os.makedirs(nested)
+    write_folder(str(tmp_path / "extra"), classes=("x",), per_class=1, splits=("s",))
+    os.replace(str(tmp_path / "extra" / "s" / "x" / "0.png"), os.path.join(nested, "n.png"))
+    os.makedirs(os.path.join(train, "__MACOSX", "cat"))  # an archive tool's metadata: not a class
+    paths, labels, classes = data.list_image_folder(train)
+    assert classes == ["cat", "dog"] and os.path.join(nested, "n.png") in paths  # nested images kept
+    assert list(labels).count(0) == 3
+
+    os.makedirs(os.path.join(train, "empty"))
+    with pytest.raises(data.DataError, match="Class folder .*empty holds no images"):
+        data.list_image_folder(train)
+    os.rmdir(os.path.join(train, "empty"))
+    for name, content, message in [("zero.jpg", b"", "is empty \\(0 bytes\\)"),
+                                   ("text.jpg", b"hello, not a picture", "is not a JPEG, PNG, GIF or BMP image")]:
+        bad = os.path.join(train, "dog", name)
+        open(bad, "wb").write(content)
+        with pytest.raises(data.DataError, match=f"Image file {bad} {message}"):
+            data.list_image_folder(train)
+        with pytest.warns(UserWarning, match="1 unreadable image file"):
+            assert bad not in data.list_image_folder(train, skip_unreadable=True)[0]
+        os.remove(bad)

@@ -101,3 +101,27 @@ def test_paths_that_cannot_be_written_are_one_line_before_any_work(finished_run,
                              os.path.join(a_file, "metrics.json")]) == 2
     assert f"cannot be written: {a_file} is a file, not a folder" in one_error_line(capsys)
     assert keras.saving.load_model(encoder) is not None  # the run is untouched
+
+
+def test_evaluation_data_problems_stop_the_run_before_pre_training(tmp_path, capsys):
+    root = write_folder(str(tmp_path / "set"), per_class=4, splits=("train",))  # no test/ split
+    output = str(tmp_path / "run")
+    argv = ["--data", root, "--output", output, *[a for a in SMALL if a not in ("--eval", "none")], "--eval", "knn"]
+    assert train.main(argv) == 2
+    assert "test" in one_error_line(capsys)
+    assert not os.path.exists(os.path.join(output, "checkpoint.keras"))  # no step was trained
+
+
+def test_history_rows_travel_in_the_checkpoint_so_an_epoch_end_kill_loses_none(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=4)
+    output = str(tmp_path / "run")
+    argv = ["--data", root, "--output", output, *SMALL[:-4], "--epochs", "2",
+            "--steps-per-epoch", "1"]
+    assert train.main(argv) == 0
+    path = os.path.join(output, "history.csv")
+    rows = open(path).read().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,")
+    # a kill after epoch 1's checkpoint, before its row reached the CSV
+    open(path, "w").write("\n".join(rows[:2]) + "\n")
+    assert train.main(["--resume", "--output", output, "--quiet"]) == 0
+    assert open(path).read().splitlines() == rows
