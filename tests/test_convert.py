@@ -467,3 +467,23 @@ def test_resnet50_v1_5_features_match(tmp_path):
     three_stages = {k: v for k, v in state.items() if not k.startswith("module.layer4.2.")}
     with pytest.raises(ConversionError, match=r"\(3, 4, 6, 2\) blocks per stage"):
         load_torch_state_dict(encoder, three_stages)
+
+
+class Payload:
+    """A pickle whose loading would run code: `__reduce__` asks for os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    path = save({"model": timm_state(TorchViT()), "hook": Payload(marker)}, tmp_path / "hostile.pth")
+    with pytest.raises(ConversionError, match=r"pickles Python objects \((posix|os)\.system\)"):
+        convert_checkpoint(path, "vit_tiny", **VIT)
+    assert not marker.exists()  # nothing from the file ran
