@@ -64,3 +64,20 @@ def smooth_images(n, size, seed=0):
         phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1, 3))
         out += np.cos(2 * np.pi * (fy * rows[None, :, :, None] + fx * cols[None, :, :, None]) / size + phase)
     return np.clip(0.5 + out / 8, 0, 1).astype("float32")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow_on(*backends): slow on these backends only (an end-to-end run that XLA or graph tracing makes "
+        "several times longer there): in the default run on the other backends, with -m slow on these",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`slow_on(...)` items become `slow` on the backends they name, before `-m` selects."""
+    for item in items:
+        marker = item.get_closest_marker("slow_on")
+        if marker is not None and BACKEND in marker.args:
+            item.add_marker(pytest.mark.slow)

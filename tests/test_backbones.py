@@ -139,6 +139,7 @@ def test_vit_bad_input():
         backbones.get_backbone("resnet50", image_size=64, patch_size=16)
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_resnet50_v1_shapes_and_round_trip(tmp_path):
     model = backbones.get_backbone("resnet50_v1", image_size=64)
     assert model.variant == "v1" and not model.zero_init_last_bn
@@ -160,6 +161,7 @@ def test_input_normalisation():
     np.testing.assert_allclose(to_numpy(model.normalize(np.full((1, 2, 2, 3), 0.75, "float32"))), 1.0)
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
     """torchvision's ResNet-50 layout (stride in the 3x3 convolution, no conv biases)."""
     model = backbones.get_backbone("resnet50_v1_5", image_size=64)
@@ -185,6 +187,7 @@ def test_resnet50_v1_5_shapes_and_round_trip(tmp_path):
         backbones.ResNetBackbone(image_size=32, variant="v2")
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 @pytest.mark.parametrize("variant", ["v1", "v1.5"])
 def test_resnet_layouts_share_weights_and_outputs(variant):
     """The channels-first network and the channels-last one (the default) take the same weights

@@ -284,6 +284,7 @@ def test_converted_encoder_round_trips_through_keras_file(tmp_path):
     np.testing.assert_allclose(to_numpy(loaded(x)), reference(x), atol=ATOL)
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 def test_command_line_end_to_end(tmp_path):
     reference = TorchViT(seed=6)
     checkpoint = save({"model": timm_state(reference)}, tmp_path / "vit.pth")

@@ -31,6 +31,7 @@ def _check(tmp_path, encoder, size):
         np.testing.assert_allclose(np.load(out), want, atol=1e-4, err_msg=f"{BACKEND} -> {other}")
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # it runs every backend in subprocesses: once is enough by default
 def test_vit_encoder_moves_across_backends(tmp_path):
     keras.utils.set_random_seed(0)
     encoder = backbones.ViTBackbone(image_size=16, patch_size=4, hidden_dim=32, depth=2, num_heads=4)

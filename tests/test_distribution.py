@@ -41,6 +41,7 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
     assert np.all(np.isfinite(report["famt_losses"]))
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 @parallel_backends
 def test_train_cli_distributed_famt_run(tmp_path):
     root = write_folder(str(tmp_path / "set"), per_class=8)

@@ -38,6 +38,7 @@ def run(capsys, *args):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_every_subcommand_on_cifar10(cifar_root, encoder_file, tmp_path, capsys):
     out = tmp_path / "m.json"
     code, stdout, stderr = run(capsys, "knn", "--encoder", encoder_file, "--data", cifar_root, *SUBSET, "--k", "5",

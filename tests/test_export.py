@@ -204,6 +204,7 @@ def result_of(exported, name):
     return exported.results[name]
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 # -- the artifacts --------------------------------------------------------------------------------
 def test_vit_saved_model_gives_the_encoder_features_in_a_fresh_process(exported):
     assert_matches(result_of(exported, "vit_saved_model"), {"features": 32})

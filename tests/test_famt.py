@@ -59,6 +59,7 @@ def geometry_inputs(n, size=16):
     }
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_refresh_inside_fit_switches_to_masking_and_throwing(tmp_path):
     keras.utils.set_random_seed(0)
     model = famt_model(num_images=32)

@@ -80,6 +80,7 @@ def test_finetune_needs_a_step_count_and_a_batch_size():
         evaluation.finetune(tiny_vit(), generator, [], num_classes=2, epochs=1, batch_size=4)
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_finetune_dataset_recipe_and_plain_path(cifar_root):
     split = data.load_split(cifar_root, "train", limit=64)
     full = data.finetune_dataset(split, 32, 16, 10, seed=3)

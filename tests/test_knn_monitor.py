@@ -39,6 +39,7 @@ def test_monitor_refuses_a_bad_interval():
         training.validate(training.PretrainConfig(monitor_knn=0))
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 def test_run_writes_knn_top1_to_history_equal_to_a_knn_of_the_saved_encoder(tmp_path):
     root = write_folder(str(tmp_path / "set"), per_class=12, size=(16, 16))
     output = str(tmp_path / "run")

@@ -83,6 +83,7 @@ def test_vit_mfm_training_reduces_loss():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_resnet50_mfm_training_reduces_loss():
     keras.utils.set_random_seed(0)
     encoder = backbones.get_backbone("resnet50", image_size=32)

@@ -51,6 +51,7 @@ def test_pretraining_epoch_is_a_function_of_seed_epoch_and_step(tmp_path):
     assert not np.array_equal(first[0], epoch(2)[0]) and not np.array_equal(first[0], epoch(1, seed=2)[0])
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     root = write_folder(str(tmp_path / "set"), per_class=8)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

@@ -48,6 +48,7 @@ def trained_probe():
     return result.classifier, images[384:], labels[384:]
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # the same check runs on PyTorch in the default run
 def test_robustness_report(trained_probe):
     classifier, images, labels = trained_probe
     test = batches(images, labels, 40)

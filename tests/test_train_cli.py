@@ -49,6 +49,7 @@ def test_train_writes_encoder_config_history_and_resumes(tmp_path):
     assert [row["epoch"] for row in read_history(output)] == ["0", "1"]
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 def test_famt_run_refreshes_the_importance_and_resumes_with_it(tmp_path):
     root = write_folder(str(tmp_path / "set"), per_class=8)
     output = str(tmp_path / "famt")
@@ -68,6 +69,7 @@ def test_famt_run_refreshes_the_importance_and_resumes_with_it(tmp_path):
     assert encoder.position_embedding_type == "sincos"
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 @pytest.mark.parametrize("method,extra", [
     ("deblur", ["--blur-kernel-sizes", "3", "5", "--tensorboard"]),
     ("simmim_famt", ["--refresh-warmup", "1", "--refresh-interval", "1"]),
@@ -102,6 +104,7 @@ def test_help_lists_every_registered_method(capsys):
         assert flag in out, flag
 
 
+@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
 def test_train_on_real_cifar10_archive(tmp_path):
     if not os.path.isfile(CIFAR_ARCHIVE):
         pytest.skip("no CIFAR-10 archive")
@@ -190,3 +193,18 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert train.main(["--resume", "--output", str(output), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Cannot load the checkpoint file" in err and "checkpoint.keras" in err
+
+
+def test_every_setting_has_one_default_and_a_flag():
+    """train.py without flags is `PretrainConfig()`, and every field of it can be set by a flag."""
+    import dataclasses
+
+    from keras_mfm import training
+    from keras_mfm.cli import train as cli_train
+
+    assert cli_train.config_from_args(cli_train.parse_args([])) == training.PretrainConfig()
+    parser = cli_train.build_parser([])
+    dests = {action.dest for action in parser._actions}
+    reachable = {cli_train.FLAG_FIELDS.get(dest, dest) for dest in dests} | {"verbose"}  # --quiet
+    fields = {field.name for field in dataclasses.fields(training.PretrainConfig)}
+    assert fields - reachable == set()
