@@ -556,6 +556,11 @@ def plot(results, path):
 def main(argv=None):
     args = parse_args(argv)
     from keras_mfm import data  # after the backend is chosen
+    # every module a row uses, imported now: a run lasts hours, and a module first imported hours
+    # later from an edited work tree would mix two versions of the library in one process
+    import keras_mfm.evaluation  # noqa: F401
+    import keras_mfm.importance  # noqa: F401
+    import keras_mfm.training  # noqa: F401
 
     set_threads(args.threads)
     rows = rows_of(args)
