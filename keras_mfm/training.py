@@ -246,7 +246,7 @@ def _read_history_numbers(path):
     """history.csv's rows as numbers (a checkpoint without rows inside: an older version's run)."""
     rows = []
     for row in _read_history_rows(path):
-        values = {"epoch": int(row["epoch"])}
+        values = {}
         for key, value in row.items():
             try:
                 values[key] = float(value)
@@ -320,8 +320,6 @@ def resume(output, callbacks=()):
 def _claim_output(output, resume, overwrite):
     """Checks that a new run may write `output` (refuses another run's folder unless `overwrite`,
     then removes that run's files); raises TrainingError with what to do instead."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise TrainingError(f"--output {output} is a file, not a folder; choose a folder.")
     if resume:
         return
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output, name))]
@@ -353,11 +351,11 @@ def _run(config, resume, extra_callbacks=(), overwrite=False):
     lock = None
     try:
         if replication.is_chief:  # only the first process writes files
-            _claim_output(config.output, resume, overwrite)
+            if os.path.exists(config.output) and not os.path.isdir(config.output):
+                raise TrainingError(f"--output {config.output} is a file, not a folder; choose a folder.")
             os.makedirs(config.output, exist_ok=True)
             lock = RunLock(config.output).acquire()
-            if not resume:
-                _claim_output(config.output, resume, overwrite)  # a run that started meanwhile
+            _claim_output(config.output, resume, overwrite)
         return _train(config, resume, replication, list(extra_callbacks))
     except RunFolderError as error:
         raise TrainingError(str(error)) from None
@@ -394,10 +392,11 @@ def _train(config, resume, replication, extra_callbacks=()):
             f"{train_split.num_examples} training images are fewer than one batch of {config.batch_size}."
         )
     total_steps = steps * config.epochs
+    evaluation_splits = None
     if eval_protocols(config) or config.monitor_knn:  # a missing test/ split or one class: found now, not after
         from keras_mfm import evaluation
 
-        evaluation.load_evaluation_data(source, config.eval_train_images, config.eval_test_images)
+        evaluation_splits = evaluation.load_evaluation_data(source, config.eval_train_images, config.eval_test_images)
 
     initial_epoch, initial_step, progress, state = 0, 0, EpochProgress(), None
     checkpoint = os.path.join(config.output, CHECKPOINT)
@@ -460,13 +459,9 @@ def _train(config, resume, replication, extra_callbacks=()):
     if config.monitor_knn:
         from keras_mfm import evaluation
 
-        # the same seeded images as the final k-NN, checked before the first step
-        splits = evaluation.load_evaluation_data(source, config.eval_train_images, config.eval_test_images)
-        callbacks.append(evaluation.KNNMonitor(
-            lambda: splits.datasets(model.encoder.image_size, config.batch_size)[0],
-            lambda: splits.datasets(model.encoder.image_size, config.batch_size)[1],
-            every=config.monitor_knn, verbose=config.verbose,
-        ))
+        # the same seeded images as the final k-NN (re-iterable tf.data pipelines)
+        bank, held_out = evaluation_splits.datasets(model.encoder.image_size, config.batch_size)
+        callbacks.append(evaluation.KNNMonitor(bank, held_out, every=config.monitor_knn, verbose=config.verbose))
     callbacks += list(extra_callbacks)
     if chief:
         callbacks.append(AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress,
