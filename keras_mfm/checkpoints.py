@@ -6,7 +6,9 @@ as `model.save` writes it, plus an entry `keras_mfm_state.json` holding what Ker
 
     {"epochs_done": e, "steps_done": j,      the run stopped after step j of epoch e (j = 0: epoch end)
      "epoch_loss": m,                        mean loss of those j steps (the epoch's history row)
-     "rng": [[...], ...]}                    every `keras.random.SeedGenerator` state of the model
+     "rng": [[...], ...],                    every `keras.random.SeedGenerator` state of the model
+     "history": [{...}, ...],                the epoch rows of history.csv so far
+     "run": {"method": ..., ...}}            what it was trained as (checked against config.json on resume)
 
 It is written to a temporary file and renamed (`os.replace`, atomic on POSIX), so the file on disk
 is always a complete checkpoint: the previous one or the new one. The data a run sees is a function
@@ -14,6 +16,7 @@ of `(seed, epoch, step)` (`data.pretraining_epochs`), so the batches after a res
 uninterrupted run would have seen, and the masks too (restored generator states).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -32,21 +35,32 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged, or a checkpoint that cannot be used)."""
 
 
+@contextlib.contextmanager
+def replacing(path, temporary):
+    """Write `temporary` inside the block; at its end it replaces `path` (one rename). If the block
+    fails (a full disk, a kill signal turned exception), the temporary is removed and `path` keeps
+    its previous content."""
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
 def write_json_atomically(path, values):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
+    with replacing(path, path + ".tmp") as temporary, open(temporary, "w") as handle:
         json.dump(values, handle, indent=2, default=str)
-    os.replace(temporary, path)
 
 
 def save_atomically(model, path, state=None):
     """`model.save(path)` through a temporary file and a rename; `state` goes in as `STATE_ENTRY`."""
-    temporary = path[: -len(".keras")] + ".tmp.keras"
-    model.save(temporary)
-    if state is not None:
-        with zipfile.ZipFile(temporary, "a") as archive:
-            archive.writestr(STATE_ENTRY, json.dumps(state))
-    os.replace(temporary, path)
+    with replacing(path, path[: -len(".keras")] + ".tmp.keras") as temporary:
+        model.save(temporary)
+        if state is not None:
+            with zipfile.ZipFile(temporary, "a") as archive:
+                archive.writestr(STATE_ENTRY, json.dumps(state))
 
 
 def load_model_file(path, what="model"):
@@ -149,12 +163,11 @@ def write_history(directory, rows):
     `epoch` then every other key, sorted (as Keras' CSVLogger)."""
     keys = sorted({key for row in rows for key in row} - {"epoch"})
     path = os.path.join(directory, HISTORY)
-    with open(path + ".tmp", "w") as handle:
+    with replacing(path, path + ".tmp") as temporary, open(temporary, "w") as handle:
         handle.write(",".join(["epoch", *keys]) + "\n")
         for row in rows:
             handle.write(",".join([str(int(row["epoch"])), *(repr(float(row[k])) if k in row else "" for k in keys)])
                          + "\n")
-    os.replace(path + ".tmp", path)
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -164,10 +177,12 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     The epoch rows of history.csv travel inside the checkpoint's state, and the CSV is rewritten from
     them after each epoch's checkpoint: a kill between the two loses no row (a resume rewrites the
     CSV from the checkpoint). `history`: the rows of the epochs before this process (a resume).
+    `run`: what the checkpoint was trained as (method, encoder, data size), checked on resume.
     """
 
-    def __init__(self, directory, steps_per_epoch, every_steps=None, progress=None, history=()):
+    def __init__(self, directory, steps_per_epoch, every_steps=None, progress=None, history=(), run=None):
         super().__init__()
+        self.run = run
         self.directory = directory
         self.steps_per_epoch = steps_per_epoch
         self.every_steps = every_steps
@@ -205,7 +220,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             return
         sync_model_state(self.model)
         state = {"epochs_done": epochs_done, "steps_done": steps_done, "epoch_loss": loss,
-                 "rng": rng_states(self.model), "history": self.history}
+                 "rng": rng_states(self.model), "history": self.history, "run": self.run}
         save_atomically(self.model, os.path.join(self.directory, CHECKPOINT), state)
         write_json_atomically(os.path.join(self.directory, CHECKPOINT_STATE),
                               {key: value for key, value in state.items() if key not in ("rng", "history")})

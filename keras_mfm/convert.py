@@ -660,6 +660,13 @@ def load_torch_state_dict(encoder, state_dict, prefix=None, interpolate_position
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}."
         )
 
+    broken = [target.key for target, value in assignments
+              if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+    if broken:
+        raise ConversionError(
+            f"The checkpoint has NaN or infinite values in {len(broken)} weights ({', '.join(broken[:6])}"
+            f"{' ...' if len(broken) > 6 else ''}): it is damaged or was saved from a diverged run."
+        )
     for target, value in assignments:
         target.variable.assign(value.astype(target.variable.dtype))
     loaded = sorted({original for target, _ in assignments for original in used[target.key]})

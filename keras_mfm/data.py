@@ -14,6 +14,7 @@ Data specs (the `--data` argument):
 Images come out as float32 in [0, 1], NHWC; normalisation is the encoder's job.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -99,10 +100,17 @@ class DataSource:
     spec: str
     root: str = None
     tfds_name: str = None
+    skip_unreadable: bool = False  # leave out image files that cannot be decoded (a full decode of each)
 
 
-def resolve_data(spec):
-    """`--data` string -> `DataSource` (extracting an archive if needed). Raises `DataError`."""
+def resolve_data(spec, skip_unreadable=False):
+    """`--data` string -> `DataSource` (extracting an archive if needed). Raises `DataError`.
+
+    `skip_unreadable`: image folders leave out the files that cannot be decoded (empty, not an
+    image, truncated), with a warning counting them, instead of stopping at the first.
+    """
+    if isinstance(spec, DataSource):
+        return dataclasses.replace(spec, skip_unreadable=spec.skip_unreadable or skip_unreadable)
     if spec is None or str(spec).strip() == "":
         raise DataError("No data given: pass --data with an image folder, a .tar.gz of one or tfds:NAME.")
     spec = str(spec)
@@ -110,21 +118,21 @@ def resolve_data(spec):
         name = spec[len("tfds:"):]
         if not name:
             raise DataError("`tfds:` needs a data set name, e.g. tfds:cifar10.")
-        return DataSource(spec=spec, tfds_name=name)
+        return DataSource(spec=spec, tfds_name=name, skip_unreadable=skip_unreadable)
     path = os.path.abspath(os.path.expanduser(spec))
     if not os.path.exists(path):
         raise DataError(f"Data path {spec} does not exist.")
     if os.path.isfile(path):
         if not path.endswith((".tar.gz", ".tgz", ".tar")):
             raise DataError(f"Data file {spec} is not a .tar.gz/.tgz/.tar archive of an image folder.")
-        return DataSource(spec=spec, root=extract_archive(path))
+        return DataSource(spec=spec, root=extract_archive(path), skip_unreadable=skip_unreadable)
     root = _find_root(path, depth=1)
     if root is None:
         raise DataError(
             f"Data folder {spec} has no train/ sub-folder: expected <root>/train/<class>/<image> "
             "(and <root>/test/<class>/<image> for evaluation)."
         )
-    return DataSource(spec=spec, root=root)
+    return DataSource(spec=spec, root=root, skip_unreadable=skip_unreadable)
 
 
 #: the first bytes of each image format tf.io.decode_image reads
@@ -151,13 +159,52 @@ def _unreadable(path):
     return None
 
 
+def undecodable_images(paths):
+    """The files of `paths` that TensorFlow cannot decode as an image (each decoded in full, in
+    parallel: about as long as one pass over the data), in the order of `paths`."""
+    tf = _tf()
+    if not paths:
+        return []
+
+    def decodes(position, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return position, tf.shape(image)  # an output, so that the decoding is not pruned away
+
+    positions = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
+    positions = positions.map(decodes, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(4096)
+    good = set(np.concatenate([batch.numpy() for batch, _ in positions] or [np.zeros(0, "int64")]).tolist())
+    return [path for position, path in enumerate(paths) if position not in good]
+
+
+@contextlib.contextmanager
+def undecodable_named(source):
+    """Turns a decoding failure inside a tf.data pipeline of `source`'s image folder (a truncated
+    or corrupt file passes the first-bytes check) into a `DataError` naming the file(s)."""
+    tf = _tf()
+    try:
+        yield
+    except tf.errors.OpError:
+        if source is None or source.root is None:
+            raise
+        bad = []
+        for split in SPLITS:
+            if os.path.isdir(os.path.join(source.root, split)):
+                bad += undecodable_images(list_image_folder(os.path.join(source.root, split))[0])
+        if not bad:
+            raise
+        more = f" ({len(bad) - 1} more such files in {source.spec})" if len(bad) > 1 else ""
+        raise DataError(f"Image file {bad[0]} cannot be decoded (truncated or corrupt){more}; remove it, or "
+                        "pass --skip-unreadable to leave unreadable files out.") from None
+
+
 def list_image_folder(split_dir, skip_unreadable=False):
     """`split_dir/<class>/.../<image>` -> (paths, labels, class_names), sorted. Raises `DataError`.
 
     Images in sub-folders of a class folder belong to that class. Every file is checked by its
-    first bytes: an empty or non-image file (e.g. text saved as .jpg) is a `DataError` naming it,
-    or with `skip_unreadable` is left out (with a warning counting them). A class folder without
-    images is an error (it would still take a label).
+    first bytes: an empty or non-image file (e.g. text saved as .jpg) is a `DataError` naming it.
+    With `skip_unreadable` every file is also decoded (`undecodable_images`), and those that fail
+    either check are left out, with a warning counting them. A class folder without images is an
+    error (it would still take a label).
     """
     if not os.path.isdir(split_dir):
         raise DataError(f"Missing data folder {split_dir}.")
@@ -172,6 +219,10 @@ def list_image_folder(split_dir, skip_unreadable=False):
             folders[:] = sorted(f for f in folders if not f.startswith(".") and f not in IGNORED_FOLDERS)
             files += [os.path.join(parent, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
         files.sort()
+        if skip_unreadable:
+            undecodable = set(undecodable_images([f for f in files if _unreadable(f) is None]))
+            skipped += sorted(undecodable)
+            files = [f for f in files if f not in undecodable]
         good = []
         for path in files:
             problem = _unreadable(path)
@@ -180,7 +231,8 @@ def list_image_folder(split_dir, skip_unreadable=False):
             elif skip_unreadable:
                 skipped.append(path)
             else:
-                raise DataError(f"Image file {path} {problem}; remove it (data.list_image_folder(..., skip_unreadable=True) leaves such files out).")
+                raise DataError(f"Image file {path} {problem}; remove it, or pass --skip-unreadable "
+                                "(skip_unreadable=True) to leave unreadable files out.")
         if not good:
             raise DataError(f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it or "
                             "add its images.")
@@ -275,7 +327,7 @@ def load_split(source, split="train", limit=None, seed=0):
             dataset = dataset.filter(lambda image, label, index: tf.reduce_any(tf.equal(keep, index)))
             count = limit
         return Split(dataset, count, class_names)
-    paths, labels, class_names = list_image_folder(os.path.join(source.root, split))
+    paths, labels, class_names = list_image_folder(os.path.join(source.root, split), source.skip_unreadable)
     indices = np.arange(len(paths), dtype="int64")
     if limit is not None and limit < len(paths):
         indices = _subset(len(paths), limit, seed)

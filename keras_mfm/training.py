@@ -37,6 +37,7 @@ from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file 
     TrainingError,
     load_checkpoint,
     load_model_file,
+    replacing,
     save_atomically,
     write_history,
     write_json_atomically,
@@ -108,6 +109,7 @@ class PretrainConfig:
     eval: str = "knn,linear"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
     eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
     eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
+    skip_unreadable: bool = False  # leave out image files that cannot be decoded (each is decoded once first)
     monitor_knn: int = None  # every N epochs, k-NN top-1 on the eval images in history.csv (None: off)
 
     def to_json(self):
@@ -182,6 +184,16 @@ def validate(config):
         raise ValueError(f"--monitor-knn must be >= 1 epoch, got {config.monitor_knn}.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise ValueError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
+    for name in ("base_lr", "lr"):
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}.")
+    for name in ("min_lr", "warmup_epochs", "weight_decay", "clip_norm"):  # 0 is allowed: none / off
+        if getattr(config, name) is not None and not getattr(config, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}.")
+    if config.warmup_epochs is not None and config.warmup_epochs > config.epochs:
+        raise ValueError(f"--warmup-epochs {config.warmup_epochs} is longer than the run (--epochs {config.epochs}).")
+    if not config.gamma > 0:
+        raise ValueError(f"--gamma must be > 0 (the focal exponent; 1 is the plain frequency loss), got {config.gamma}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
     if config.recipe is not None and config.recipe not in optimization.RECIPES:
         raise ValueError(f"Unknown --recipe {config.recipe!r}; choose one of {', '.join(sorted(optimization.RECIPES))}.")
@@ -189,6 +201,11 @@ def validate(config):
         raise ValueError(f"Unknown --init {config.init!r}; choose one of {', '.join(INIT_SCHEMES)}.")
     if config.precision not in PRECISIONS:
         raise ValueError(f"Unknown --precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    recipe = recipe_of(config)
+    peak, floor = recipe.learning_rate(config.batch_size), recipe.scaled(recipe.min_lr, config.batch_size)
+    if floor > peak:
+        raise ValueError(f"--min-lr {floor:g} is above the peak learning rate {peak:g} (--lr, or --base-lr x batch / "
+                         f"{recipe.reference_batch_size}); the schedule decays from the peak to --min-lr.")
     if config.backbone not in backbones.BACKBONE_PRESETS:
         raise ValueError(
             f"Unknown backbone {config.backbone!r}; choose one of {sorted(backbones.BACKBONE_PRESETS)}."
@@ -272,9 +289,8 @@ def _truncate_history(path, epochs):
     with open(path) as handle:
         lines = handle.read().splitlines(keepends=True)
     header, rows = lines[:1], [line for line in lines[1:] if line.strip()]
-    with open(path + ".tmp", "w") as handle:
+    with replacing(path, path + ".tmp") as temporary, open(temporary, "w") as handle:
         handle.writelines(header + rows[:epochs])
-    os.replace(path + ".tmp", path)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -317,6 +333,31 @@ def resume(output, callbacks=()):
     return _run(config, resume=True, extra_callbacks=callbacks)
 
 
+#: the settings that make a checkpoint another model: a resume with any of them changed is refused
+RUN_RECORD = ("method", "backbone", "depth", "image_size", "patch_size")
+
+
+def run_record(config, train_images):
+    """What a run's checkpoint is, written into it and checked on resume (`check_checkpoint_matches`)."""
+    record = {name: getattr(config, name) for name in RUN_RECORD}
+    record["train_images"] = int(train_images)
+    return record
+
+
+def check_checkpoint_matches(path, recorded, expected):
+    """TrainingError naming each difference when the checkpoint at `path` was trained as another run
+    than `expected` (`run_record`); a checkpoint without a record (an older one) is not checked."""
+    if not recorded:
+        return
+    changed = [f"{name} {recorded[name]!r} where this run has {expected[name]!r}" for name in expected
+               if name in recorded and recorded[name] != expected[name]]
+    if changed:
+        raise TrainingError(
+            f"The checkpoint {path} is not this run's: it was trained with {', '.join(changed)}. Put back the "
+            "run's own checkpoint, or start a new run in another --output."
+        )
+
+
 def _claim_output(output, resume, overwrite):
     """Checks that a new run may write `output` (refuses another run's folder unless `overwrite`,
     then removes that run's files); raises TrainingError with what to do instead."""
@@ -356,7 +397,9 @@ def _run(config, resume, extra_callbacks=(), overwrite=False):
             os.makedirs(config.output, exist_ok=True)
             lock = RunLock(config.output).acquire()
             _claim_output(config.output, resume, overwrite)
-        return _train(config, resume, replication, list(extra_callbacks))
+        source = data.resolve_data(config.data, skip_unreadable=config.skip_unreadable)
+        with data.undecodable_named(source):  # a truncated image: named, not a pipeline traceback
+            return _train(config, source, resume, replication, list(extra_callbacks))
     except RunFolderError as error:
         raise TrainingError(str(error)) from None
     finally:
@@ -380,11 +423,10 @@ def _new_model(config, num_images, steps, total_steps):
     return model
 
 
-def _train(config, resume, replication, extra_callbacks=()):
+def _train(config, source, resume, replication, extra_callbacks=()):
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output, exist_ok=True)
 
-    source = data.resolve_data(config.data)
     train_split = data.load_split(source, "train")
     steps = config.steps_per_epoch or train_split.num_examples // config.batch_size
     if steps < 1:
@@ -403,6 +445,7 @@ def _train(config, resume, replication, extra_callbacks=()):
     if resume and os.path.isfile(checkpoint):
         with replication.scope():
             model, state = load_checkpoint(checkpoint)
+        check_checkpoint_matches(checkpoint, state.get("run"), run_record(config, train_split.num_examples))
         optimization.exclude_from_weight_decay(model, model.optimizer, recipe_of(config).no_decay_names)
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
         if initial_step:
@@ -466,7 +509,7 @@ def _train(config, resume, replication, extra_callbacks=()):
     if chief:
         callbacks.append(AtomicCheckpoint(config.output, steps, config.checkpoint_steps, progress,
                                           history=history_rows or _read_history_numbers(history_path) if resume
-                                          else ()))
+                                          else (), run=run_record(config, train_split.num_examples)))
     if config.tensorboard and chief:
         from keras_mfm.tensorboard import tensorboard_callbacks
 

@@ -367,6 +367,14 @@ def test_missing_and_unsupported_keys():
         convert_checkpoint(no_bias, "vit_tiny", **VIT)
     with pytest.raises(ConversionError, match="register tokens"):
         convert_checkpoint({**state, "reg_token": torch.zeros(1, 4, 64)}, "vit_tiny", **VIT)
+    broken = dict(state)
+    broken["blocks.1.attn.proj.weight"] = state["blocks.1.attn.proj.weight"].clone()
+    broken["blocks.1.attn.proj.weight"][0, 0] = float("nan")
+    encoder = backbones.ViTBackbone(**VIT)
+    before = encoder.get_weights()
+    with pytest.raises(ConversionError, match=r"NaN or infinite values in 1 weights \(blocks.1.attn.proj.weight\)"):
+        load_torch_state_dict(encoder, broken)
+    assert all(np.array_equal(a, b) for a, b in zip(before, encoder.get_weights()))  # nothing assigned
 
 
 class Config(dict):

@@ -140,3 +140,29 @@ def test_bad_image_files_are_named_and_folders_are_read_as_a_user_expects(tmp_pa
         with pytest.warns(UserWarning, match="1 unreadable image file"):
             assert bad not in data.list_image_folder(train, skip_unreadable=True)[0]
         os.remove(bad)
+
+
+def _truncated_jpeg(path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path, quality=90)
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[: len(content) // 2])  # the right first bytes, half the data
+
+
+def test_a_truncated_image_is_named_when_decoding_fails_and_can_be_skipped(tmp_path):
+    root = write_folder(str(tmp_path / "set"), per_class=2)
+    bad = os.path.join(root, "train", "dog", "truncated.jpg")
+    _truncated_jpeg(bad)
+    paths = data.list_image_folder(os.path.join(root, "train"))[0]
+    assert bad in paths  # its first bytes are a JPEG's: only decoding finds it
+    assert data.undecodable_images(paths) == [bad]
+
+    source = data.resolve_data(root)
+    with pytest.raises(data.DataError, match=f"Image file {bad} cannot be decoded .*--skip-unreadable"):
+        with data.undecodable_named(source):
+            list(data.load_split(source, "train").dataset)
+
+    with pytest.warns(UserWarning, match="1 unreadable image file"):
+        split = data.load_split(data.resolve_data(root, skip_unreadable=True), "train")
+    assert split.num_examples == 4 and len(list(split.dataset)) == 4

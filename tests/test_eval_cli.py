@@ -118,6 +118,10 @@ def test_bad_input_gets_clear_errors(cifar_root, encoder_file, tmp_path, capsys)
 
     with pytest.raises(SystemExit):  # argparse: exactly one model source
         load_cli().main(["knn", "--data", cifar_root])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        load_cli().main(["knn", "--encoder", encoder_file, "--data", cifar_root, "--batch-size", "0"])
+    assert "argument --batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 # -- eval.py show ------------------------------------------------------------------------------

@@ -125,3 +125,56 @@ def test_history_rows_travel_in_the_checkpoint_so_an_epoch_end_kill_loses_none(t
     open(path, "w").write("\n".join(rows[:2]) + "\n")
     assert train.main(["--resume", "--output", output, "--quiet"]) == 0
     assert open(path).read().splitlines() == rows
+
+
+def test_a_checkpoint_of_another_run_or_data_set_is_refused_on_resume(finished_run, tmp_path, capsys):
+    root, output = finished_run
+    other = str(tmp_path / "other")
+    assert train.main(["--data", root, "--output", other, *SMALL, "--method", "sr"]) == 0
+    checkpoint = os.path.join(output, "checkpoint.keras")
+    os.replace(os.path.join(other, "checkpoint.keras"), checkpoint)  # an SR checkpoint in the MFM run's folder
+    assert train.main(["--resume", "--output", output, "--quiet"]) == 2
+    assert "is not this run's: it was trained with method 'sr' where this run has 'mfm'" in one_error_line(capsys)
+
+    assert train.main(["--data", root, "--output", other, *SMALL, "--overwrite"]) == 0
+    write_folder(os.path.join(root, "more"), classes=("cat",), per_class=2, splits=("x",))
+    os.replace(os.path.join(root, "more", "x", "cat"), os.path.join(root, "train", "cat", "more"))
+    with pytest.raises(training.TrainingError, match="train_images 8 where this run has 10"):
+        training.resume(other)
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    root = write_folder(str(tmp_path / "set"), per_class=4)
+    output = str(tmp_path / "run")
+    save = keras.Model.save
+
+    def disk_full(model, path, *args, **kwargs):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(keras.Model, "save", disk_full)
+    assert train.main(["--data", root, "--output", output, *SMALL]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert sorted(os.listdir(output)) == ["config.json"]  # no temporary checkpoint, no lock
+    json.load(open(os.path.join(output, "config.json")))
+    monkeypatch.setattr(keras.Model, "save", save)
+    assert train.main(["--resume", "--output", output, "--quiet"]) == 0
+    assert not [name for name in os.listdir(output) if ".tmp" in name]
+
+
+def test_json_written_atomically_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    from keras_mfm import checkpoints
+
+    path = str(tmp_path / "config.json")
+    checkpoints.write_json_atomically(path, {"a": 1})
+
+    def half_written(values, handle, **kwargs):
+        handle.write('{"a": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.json, "dump", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.write_json_atomically(path, {"a": 2})
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["config.json"]

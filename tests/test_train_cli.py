@@ -158,6 +158,14 @@ def test_readme_command_on_this_backend(tmp_path):
         (["--method", "simmim_famt", "--backbone", "resnet50", "--image-size", "32"], "needs a ViT backbone"),
         (["--checkpoint-steps", "0"], "--checkpoint-steps must be >= 1"),
         (["--tensorboard", "--tensorboard-every", "0"], "--tensorboard-every must be >= 1"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+        (["--clip-norm", "-1"], "--clip-norm must be >= 0, got -1.0"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr 0.01 is above the peak learning rate 0.001"),
+        (["--min-lr", "1"], "--min-lr 1 is above the peak learning rate"),
+        (["--gamma", "0"], "--gamma must be > 0"),
+        (["--warmup-epochs", "-3"], "--warmup-epochs must be >= 0, got -3.0"),
+        (["--epochs", "2", "--warmup-epochs", "5"], "--warmup-epochs 5.0 is longer than the run"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, arguments, message):
@@ -208,3 +216,17 @@ def test_every_setting_has_one_default_and_a_flag():
     reachable = {cli_train.FLAG_FIELDS.get(dest, dest) for dest in dests} | {"verbose"}  # --quiet
     fields = {field.name for field in dataclasses.fields(training.PretrainConfig)}
     assert fields - reachable == set()
+
+
+def test_a_truncated_image_is_one_line_naming_it_or_is_skipped(tmp_path, capsys):
+    from tests.test_data import _truncated_jpeg
+
+    root = write_folder(str(tmp_path / "set"), per_class=8)
+    bad = os.path.join(root, "train", "cat", "truncated.jpg")
+    _truncated_jpeg(bad)
+    argv = ["--data", root, "--output", str(tmp_path / "out"), *SMALL, "--epochs", "1"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: Image file {bad} cannot be decoded") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert train.main([*argv, "--skip-unreadable", "--overwrite"]) == 0

@@ -24,6 +24,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 ("--batch-size 0" is a usage error, not a backend traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def error_line(program, message):
     """Prints `PROGRAM: error: MESSAGE` on one line to stderr; returns the exit code 2."""
     print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)

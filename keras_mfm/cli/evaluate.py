@@ -62,9 +62,12 @@ def parse_args(argv=None):
     group.add_argument("--data", required=True, help="image folder, .tar.gz of one, or tfds:NAME")
     group.add_argument("--image-size", type=int, default=None,
                        help="must match the encoder's (default: the encoder's; 32 for --random-init)")
-    group.add_argument("--batch-size", type=int, default=256, help="batch size (feature extraction / training)")
+    group.add_argument("--batch-size", type=cli.positive_int, default=256,
+                       help="batch size (feature extraction / training)")
     group.add_argument("--train-images", type=int, default=0, help="seeded subset of the training split (0: all)")
     group.add_argument("--test-images", type=int, default=0, help="seeded subset of the test split (0: all)")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="leave out image files that cannot be decoded, with a count (each image is decoded once first)")
     group.add_argument("--output", default=None, help="write the metrics as JSON here")
     group.add_argument("--backend", choices=BACKENDS, default=None, help="Keras backend")
     group.add_argument("--seed", type=int, default=0)
@@ -75,7 +78,7 @@ def parse_args(argv=None):
 
     knn = commands.add_parser("knn", parents=[common], formatter_class=formatter,
                               help="weighted k-NN top-1 (frozen encoder)")
-    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--k", type=cli.positive_int, default=20)
     knn.add_argument("--temperature", type=float, default=0.07)
     knn.add_argument("--pooling", choices=("cls", "mean"), default=None, help="ViT features (default: cls)")
 
@@ -88,7 +91,7 @@ def parse_args(argv=None):
                                    help="fine-tuning top-1 (encoder trained end to end)")
     finetune.set_defaults(batch_size=128)
     finetune.add_argument("--pooling", choices=("cls", "mean"), default=None, help="ViT features (default: mean)")
-    finetune.add_argument("--epochs", type=int, default=100)
+    finetune.add_argument("--epochs", type=cli.positive_int, default=100)
     finetune.add_argument("--base-lr", type=float, default=2e-3, help="lr = base-lr x batch / 512")
     finetune.add_argument("--layer-decay", type=float, default=0.8, help="layer-wise lr decay (ViT; 1: off)")
     finetune.add_argument("--weight-decay", type=float, default=0.05)
@@ -123,19 +126,18 @@ def parse_args(argv=None):
     show.add_argument("--data", required=True, help="image folder, .tar.gz of one, or tfds:NAME (test images)")
     show.add_argument("--output", required=True, metavar="DIR",
                       help="directory for reconstruction.png, history.png and corruptions.png")
-    show.add_argument("--images", type=int, default=4, help="number of test images (rows of the figures)")
+    show.add_argument("--skip-unreadable", action="store_true", help="leave out image files that cannot be decoded")
+    show.add_argument("--images", type=cli.positive_int, default=4, help="number of test images (rows of the figures)")
     show.add_argument("--history", default=None,
                       help="history.csv to plot (None: the one next to the checkpoint, if there is one)")
     show.add_argument("--image-size", type=int, default=None, help="must match the model's (None: the model's)")
-    show.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
+    show.add_argument("--dpi", type=cli.positive_int, default=100, help="resolution of the PNGs")
     show.add_argument("--backend", choices=BACKENDS, default=None, help="Keras backend")
     show.add_argument("--seed", type=int, default=0, help="which test images, and the masks drawn")
     args = parser.parse_args(argv)
     if args.command == "show":
         if bool(args.checkpoint) == bool(args.run):
             parser.error("show: give exactly one of --checkpoint or --run")
-        if args.images < 1:
-            parser.error(f"show: --images must be >= 1, got {args.images}")
         return args
     sources = [bool(args.encoder), bool(args.random_init), bool(getattr(args, "classifier", None))]
     if sum(sources) != 1:
@@ -150,8 +152,8 @@ def parse_args(argv=None):
 def _probe_arguments(parser, prefix):
     parser.add_argument(f"--{prefix}pooling", choices=("cls", "mean"), default=None,
                         help="ViT features of the linear probe (default: cls)")
-    parser.add_argument(f"--{prefix}epochs", type=int, default=90, help="linear probe epochs")
-    parser.add_argument("--probe-batch-size", type=int, default=256,
+    parser.add_argument(f"--{prefix}epochs", type=cli.positive_int, default=90, help="linear probe epochs")
+    parser.add_argument("--probe-batch-size", type=cli.positive_int, default=256,
                         help="linear probe batch size")
     parser.add_argument(f"--{prefix}lr", type=float, default=6.4,
                         help="linear probe peak lr (MAE's 0.1 x 16384 / 256; LARS steps do not scale with batch)")
@@ -194,7 +196,7 @@ def load_classifier(path):
     return classifier
 
 
-def show(args):
+def show(args, source):
     """`eval.py show`: writes the run's figures into `args.output`; returns their paths."""
     import keras
 
@@ -214,7 +216,7 @@ def show(args):
                          f"{args.image_size}.")
     if history:
         visualize.read_history(history)  # a bad history.csv fails before any data is read
-    images = visualize.load_images(args.data, args.images, (height, width), seed=args.seed)
+    images = visualize.load_images(source, args.images, (height, width), seed=args.seed)
     os.makedirs(args.output, exist_ok=True)
     paths = [visualize.reconstruction_figure(model, images, os.path.join(args.output, "reconstruction.png"),
                                              seed=args.seed, dpi=args.dpi)]
@@ -229,7 +231,7 @@ def show(args):
     return paths
 
 
-def run(args):
+def run(args, source):
     import keras
 
     from keras_mfm import evaluation
@@ -239,12 +241,12 @@ def run(args):
                   verbose=int(args.verbose))
     if args.command == "knn":
         return evaluation.evaluate_knn_on_data(
-            load_encoder(args), args.data, args.batch_size, k=args.k, temperature=args.temperature,
+            load_encoder(args), source, args.batch_size, k=args.k, temperature=args.temperature,
             pooling=args.pooling, **subset,
         ), None
     if args.command == "linear":
         result = evaluation.linear_probe_on_data(
-            load_encoder(args), args.data, args.batch_size, pooling=args.pooling, epochs=args.epochs,
+            load_encoder(args), source, args.batch_size, pooling=args.pooling, epochs=args.epochs,
             probe_batch_size=args.probe_batch_size, lr=args.lr, base_lr=args.base_lr,
             warmup_epochs=args.warmup_epochs,
             **subset,
@@ -252,7 +254,7 @@ def run(args):
         return result, result.classifier
     if args.command == "finetune":
         result = evaluation.finetune_on_data(
-            load_encoder(args), args.data, args.batch_size, rand_augment=args.rand_augment,
+            load_encoder(args), source, args.batch_size, rand_augment=args.rand_augment,
             random_erasing=args.random_erasing, mixup=args.mixup, cutmix=args.cutmix, epochs=args.epochs,
             pooling=args.pooling, base_lr=args.base_lr, layer_decay=args.layer_decay,
             weight_decay=args.weight_decay, drop_path=args.drop_path, label_smoothing=args.label_smoothing,
@@ -269,14 +271,14 @@ def run(args):
                              f"not --image-size {args.image_size}.")
     else:
         probe = evaluation.linear_probe_on_data(
-            load_encoder(args), args.data, args.batch_size, pooling=args.probe_pooling, epochs=args.probe_epochs,
+            load_encoder(args), source, args.batch_size, pooling=args.probe_pooling, epochs=args.probe_epochs,
             probe_batch_size=args.probe_batch_size, lr=args.probe_lr, base_lr=args.probe_base_lr,
             warmup_epochs=args.probe_warmup_epochs, **subset,
         )
         classifier = probe.classifier
     corruptions = args.corruptions.split(",") if args.corruptions else None
     result = evaluation.robustness_on_data(
-        classifier, args.data, args.batch_size, test_images=args.test_images or None, seed=args.seed,
+        classifier, source, args.batch_size, test_images=args.test_images or None, seed=args.seed,
         verbose=int(args.verbose), corruptions=corruptions, severities=args.severities,
         fgsm_epsilons=args.fgsm_epsilon,
     )
@@ -324,17 +326,20 @@ def main(argv=None, program="eval.py"):
         if problem:
             return cli.error_line(f"{program} {args.command}", problem)
     try:
-        if args.command == "show":
-            for path in show(args):
-                print(path)
-            return 0
-        metrics, classifier = run(args)
+        source = data.resolve_data(args.data, skip_unreadable=args.skip_unreadable)
+        with data.undecodable_named(source):  # a truncated image: named, not a pipeline traceback
+            if args.command == "show":
+                for path in show(args, source):
+                    print(path)
+                return 0
+            metrics, classifier = run(args, source)
     except (data.DataError, ValueError, training.TrainingError, FloatingPointError) as error:
         return cli.error_line(f"{program} {args.command}", error)
     except OSError as error:
         return cli.error_line(f"{program} {args.command}", cli.os_error_line(error))
-    source = args.classifier if getattr(args, "classifier", None) else (args.encoder or f"random-init {args.random_init}")
-    metrics.update({"source": source, "data": args.data, "backend": keras.backend.backend()})
+    model_source = args.classifier if getattr(args, "classifier", None) else \
+        (args.encoder or f"random-init {args.random_init}")
+    metrics.update({"source": model_source, "data": args.data, "backend": keras.backend.backend()})
     print(summary(args.command, metrics))
     if getattr(args, "save_classifier", None) and classifier is not None:
         training.save_atomically(classifier, args.save_classifier)

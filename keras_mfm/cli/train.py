@@ -69,6 +69,9 @@ def build_parser(argv=None):
                      help="image folder with train/ and test/ (one sub-folder per class), a .tar.gz of one, "
                      "or tfds:NAME (default: tfds:cifar10, which needs the network)")
     run.add_argument("--output", default="runs/mfm", help="output folder")
+    run.add_argument("--skip-unreadable", action="store_true",
+                     help="leave out image files that cannot be decoded (empty, not an image, truncated), with a "
+                     "count, instead of stopping at the first (every image is decoded once first)")
     run.add_argument("--overwrite", action="store_true",
                      help="start a new run in an --output folder that already holds one (its files are replaced)")
     run.add_argument("--resume", action="store_true",
@@ -267,7 +270,7 @@ def config_from_args(args):
         num_processes=args.num_processes, process_id=args.process_id,
         verbose=0 if args.quiet else 1, eval=args.eval,
         eval_train_images=args.eval_train_images or None, eval_test_images=args.eval_test_images or None,
-        monitor_knn=args.monitor_knn,
+        monitor_knn=args.monitor_knn, skip_unreadable=args.skip_unreadable,
     )
 
 
