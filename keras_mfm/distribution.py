@@ -188,6 +188,42 @@ def scale_loss_for_replicas(loss):
     return loss / keras.ops.cast(replicas, loss.dtype)
 
 
+def fold_in_replica(seed):
+    """A random-op seed (shape `(2,)`, Keras' seed dtype) made distinct for each `tf.distribute` replica.
+
+    Under `tf.distribute` every replica runs the step with its own copy of each `SeedGenerator`
+    state, all equal, so without this each replica would draw the same random numbers for its
+    share of the global batch (the same mask pattern on different images). Inside a replica of a
+    strategy with several replicas the replica id is folded in (`tf.random.fold_in`, a hash of seed
+    and id); everywhere else (one device, the cross-replica context, JAX, whose `DataParallel` step
+    draws once for the whole global batch, PyTorch) the seed is returned unchanged, so those draws
+    stay bit-identical. The generator's state advances as before: checkpoints and resumes hold.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return seed
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return seed
+    # fold_in takes int32 seeds under XLA: the same reduction as Keras' own seed cast
+    narrow = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), tf.int32.max - 1), tf.int32)
+    folded = tf.random.fold_in(narrow, tf.cast(context.replica_id_in_sync_group, tf.int32))
+    return tf.cast(folded, seed.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_mfm")
+class ReplicaSeedGenerator(keras.random.SeedGenerator):
+    """A `keras.random.SeedGenerator` whose draws differ between `tf.distribute` replicas
+    (`fold_in_replica`); identical to `SeedGenerator` everywhere else (same state, same numbers).
+
+    Pass it as `seed=` to `keras.random` ops as any `SeedGenerator`.
+    """
+
+    def next(self, ordered=True):
+        return fold_in_replica(super().next(ordered))
+
+
 def clip_after_all_reduce(optimizer):
     """Makes a TensorFlow optimizer clip the *summed* gradient of its replicas, as one device would.
 

@@ -97,6 +97,26 @@ recorder = ScoreDirectly()
 history = famt.fit(batches(inputs, BATCH), epochs=2, callbacks=[refresh, recorder], verbose=0).history["loss"]
 table, direct = recorder.table, recorder.direct
 
+
+def replica_masks():
+    """TensorFlow: each replica draws the MAE masks of the same images (an image repeated) in one
+    step; their masked sets, and the generator state after the step (as one device's)."""
+    import tensorflow as tf
+
+    strategy = replication.strategy
+    with replication.scope():
+        mae = methods.build_method("mae", famt.encoder, seed=5, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        mae.build((None, SIZE, SIZE, 3))
+    share = np.repeat(images[:1], BATCH // replication.num_replicas, axis=0)
+    values = strategy.experimental_distribute_values_from_function(lambda context: tf.constant(share))
+    step = tf.function(lambda x: strategy.run(lambda y: mae.select(y).masked, args=(x,)))
+    masks = [np.asarray(m).tolist() for m in strategy.experimental_local_results(step(values))]
+    state = np.asarray(keras.ops.convert_to_numpy(mae.seed_generator.state)).tolist()
+    return {"replica_masks": masks, "seed_state_after": state}
+
+
+masks_report = replica_masks() if TENSORFLOW else {}
+
 print(json.dumps({
     "replicas": replication.num_replicas, "kind": replication.kind,
     "same_start": same_start, "single_loss": single_loss, "parallel_loss": parallel_loss,
@@ -104,4 +124,5 @@ print(json.dumps({
     "famt_losses": history, "refreshes": [e for e, _ in refresh.history],
     "table_rows_scored": int(np.sum(np.any(table != 1.0, axis=1))), "table_rows": int(table.shape[0]),
     "table_vs_direct": float(np.max(np.abs(table - direct))),
+    **masks_report,
 }))

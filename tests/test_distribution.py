@@ -20,11 +20,17 @@ from tests.test_data import write_folder
 parallel_backends = pytest.mark.skipif(BACKEND == "torch", reason="Keras has no data-parallel fit on PyTorch")
 
 
-@parallel_backends
-def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_table():
+@pytest.fixture(scope="module")
+def distributed_report():
+    """The JSON line of tests/distributed_check.py on 2 virtual devices (run once for the module)."""
     result = run_python(["tests/distributed_check.py", "2"], BACKEND)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@parallel_backends
+def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_table(distributed_report):
+    report = distributed_report
     assert report["replicas"] == 2
     assert report["kind"] == ("mirrored" if BACKEND == "tensorflow" else "data_parallel")
     assert report["same_start"] == 0.0
@@ -39,6 +45,42 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
     assert report["table_rows_scored"] == report["table_rows"] == 12
     assert report["table_vs_direct"] < 1e-5
     assert np.all(np.isfinite(report["famt_losses"]))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute replicas (JAX draws once per global batch)")
+def test_tensorflow_replicas_draw_different_masks(distributed_report):
+    """The same images on both replicas of one step: each replica draws its own mask pattern, and
+    the generator state advances once, as on one device (so checkpoints and resumes hold)."""
+    first, second = (np.asarray(m) for m in distributed_report["replica_masks"])
+    assert first.shape == second.shape == (4, 12)  # 4 images per replica, 12 of 16 patches masked (MAE 0.75)
+    for masks in (first, second):  # valid draws: distinct ascending indices
+        assert np.all(np.diff(masks, axis=1) > 0) and masks.min() >= 0 and masks.max() < 16
+    assert not np.array_equal(first, second)
+    assert not any(np.array_equal(a, b) for a in first for b in second)  # no row repeats across replicas
+    assert distributed_report["seed_state_after"] == [5, 1]
+
+
+def test_replica_seed_generator_is_a_plain_seed_generator_outside_replicas():
+    """One device (and JAX, PyTorch): the same numbers and states as keras.random.SeedGenerator."""
+    plain, replica = keras.random.SeedGenerator(11), distribution.ReplicaSeedGenerator(11)
+    for _ in range(3):
+        a = keras.ops.convert_to_numpy(keras.random.uniform((2, 5), seed=plain))
+        b = keras.ops.convert_to_numpy(keras.random.uniform((2, 5), seed=replica))
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(plain.state), keras.ops.convert_to_numpy(replica.state))
+    assert keras.ops.convert_to_numpy(replica.state).tolist() == [11, 3]
+    seed = keras.ops.convert_to_tensor(np.array([7, 2]), dtype=str(keras.ops.convert_to_numpy(plain.state).dtype))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(distribution.fold_in_replica(seed)), [7, 2])
+
+
+def test_token_masking_models_draw_with_the_replica_seed_generator():
+    from keras_mfm import methods
+    from tests.test_mae import tiny_encoder
+
+    for name in ("mae", "famt", "simmim", "simmim_famt"):
+        options = {"num_images": 4} if "famt" in name else {}
+        model = methods.build_method(name, tiny_encoder(), seed=0, **options)
+        assert isinstance(model.seed_generator, distribution.ReplicaSeedGenerator), name
 
 
 @pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_mfm.distribution import scale_loss_for_replicas
+from keras_mfm.distribution import ReplicaSeedGenerator, scale_loss_for_replicas
 from keras_mfm.importance import IMPORTANCE_METHODS
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import PretrainingModel
@@ -66,7 +66,7 @@ class TokenMaskingModel(PretrainingModel):
                 f"{type(self).__name__} needs at least one masked patch to reconstruct; mask_ratio={mask_ratio}."
             )
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = ReplicaSeedGenerator(seed)  # distinct draws per tf.distribute replica
         if importance not in (None,) + IMPORTANCE_METHODS:
             raise ValueError(f"Unknown importance {importance!r}; choose None (random masking), 'amt' or 'famt'.")
         if importance and (num_images is None or int(num_images) < 1):
