@@ -22,7 +22,7 @@ from keras_mfm.backbones import ResNetBackbone
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur
 from keras_mfm.models.mae import MAE
 from keras_mfm.models.mfm import MFM
-from keras_mfm.models.simmim import SIMMIM_MASK_RATIO, SimMIM
+from keras_mfm.models.simmim import SimMIM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +115,20 @@ def default_p_low(encoder):
 
 
 # -- MFM and the restoration baselines (SPEC.md section 1) ---------------------------------------
-def _frequency_model(name, encoder, corruption=None, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0,
-                     focal_log=False, focal_batch=False, **mfm_options):
-    return MFM(encoder, corruption=corruption, loss=loss, gamma=gamma, focal=focal, focal_alpha=focal_alpha,
-               focal_log=focal_log, focal_batch=focal_batch, name=name, **mfm_options)
+# A builder's options default to None: "the default of the model or layer it goes to", so that each
+# default is written once, in that class's signature (and read from there by `keras_mfm.settings`).
+def _given(**options):
+    """`options` without those left at None (they keep the default of the class they go to)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _frequency_model(name, encoder, corruption=None, **options):
+    return MFM(encoder, corruption=corruption, name=name, **_given(**options))
 
 
 @register_method("mfm", "Masked Frequency Modeling: predict the masked low/high frequencies")
-def build_mfm(encoder, radius=None, p_low=None, outer_radius=None, radius_range=None, masked_loss=True,
-              loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0, focal_log=False, focal_batch=False,
-              seed=None):
+def build_mfm(encoder, radius=None, p_low=None, outer_radius=None, radius_range=None, masked_loss=None,
+              loss=None, gamma=None, focal=None, focal_alpha=None, focal_log=None, focal_batch=None, seed=None):
     return _frequency_model(
         "mfm", encoder, radius=radius, p_low=default_p_low(encoder) if p_low is None else p_low,
         outer_radius=outer_radius, radius_range=radius_range, masked_loss=masked_loss, loss=loss, gamma=gamma,
@@ -133,31 +137,42 @@ def build_mfm(encoder, radius=None, p_low=None, outer_radius=None, radius_range=
 
 
 @register_method("sr", "Super-resolution baseline: restore a bicubic down/up-sampled image (factor 8)")
-def build_sr(encoder, sr_factor=8, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0, focal_log=False,
-             focal_batch=False):
-    corruption = Downsampling(8 if sr_factor is None else sr_factor, name="downsampling")
-    return _frequency_model("sr", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+def build_sr(encoder, sr_factor=None, loss=None, gamma=None, focal=None, focal_alpha=None, focal_log=None,
+             focal_batch=None):
+    corruption = Downsampling(**_given(factor=sr_factor), name="downsampling")
+    return _frequency_model("sr", encoder, corruption, loss=loss, gamma=gamma, focal=focal, focal_alpha=focal_alpha,
+                            focal_log=focal_log, focal_batch=focal_batch)
 
 
 @register_method("deblur", "Deblurring baseline: restore a Gaussian-blurred image (sigma 5 at 224, scaled)")
-def build_deblur(encoder, blur_sigma=None, blur_kernel_sizes=None, loss="frequency", gamma=1.0, focal=False,
-                 focal_alpha=1.0, focal_log=False, focal_batch=False, seed=None):
+def build_deblur(encoder, blur_sigma=None, blur_kernel_sizes=None, loss=None, gamma=None, focal=None,
+                 focal_alpha=None, focal_log=None, focal_batch=None, seed=None):
     corruption = GaussianBlur(blur_sigma, blur_kernel_sizes, seed=seed, name="gaussian_blur")
-    return _frequency_model("deblur", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+    return _frequency_model("deblur", encoder, corruption, loss=loss, gamma=gamma, focal=focal,
+                            focal_alpha=focal_alpha, focal_log=focal_log, focal_batch=focal_batch)
 
 
 @register_method("denoise", "Denoising baseline: restore an image with Gaussian noise (sigma 75/255)")
-def build_denoise(encoder, noise_sigma=None, loss="frequency", gamma=1.0, focal=False, focal_alpha=1.0,
-                  focal_log=False, focal_batch=False, seed=None):
-    corruption = AdditiveNoise(75 / 255 if noise_sigma is None else noise_sigma, seed=seed, name="additive_noise")
-    return _frequency_model("denoise", encoder, corruption, loss, gamma, focal, focal_alpha, focal_log, focal_batch)
+def build_denoise(encoder, noise_sigma=None, loss=None, gamma=None, focal=None, focal_alpha=None,
+                  focal_log=None, focal_batch=None, seed=None):
+    corruption = AdditiveNoise(**_given(sigma=noise_sigma), seed=seed, name="additive_noise")
+    return _frequency_model("denoise", encoder, corruption, loss=loss, gamma=gamma, focal=focal,
+                            focal_alpha=focal_alpha, focal_log=focal_log, focal_batch=focal_batch)
 
 
 # -- token masking (SPEC.md section 2) -----------------------------------------------------------
-#: Authors' ratios: MAE masks 0.75; AMT/FAMT mask 0.45 and throw 0.40; SimMIM masks 0.6.
+def signature_default(cls, name):
+    """The default of argument `name` of `cls` (its constructor): the one place that default is written."""
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+#: Authors' ratios (mask, throw): MAE masks 0.75 and SimMIM 0.6 (their models' defaults); AMT/FAMT
+#: mask 0.45 and throw 0.40.
 DEFAULT_RATIOS = {
-    "mae": (0.75, 0.0), "amt": (0.45, 0.40), "famt": (0.45, 0.40),
-    "simmim": (SIMMIM_MASK_RATIO, 0.0), "simmim_famt": (0.45, 0.40),
+    "mae": (signature_default(MAE, "mask_ratio"), signature_default(MAE, "throw_ratio")),
+    "amt": (0.45, 0.40), "famt": (0.45, 0.40),
+    "simmim": (signature_default(SimMIM, "mask_ratio"), signature_default(SimMIM, "throw_ratio")),
+    "simmim_famt": (0.45, 0.40),
 }
 
 
@@ -167,13 +182,14 @@ def _ratios(name, mask_ratio, throw_ratio):
 
 
 def _masked_autoencoder(name, importance):
-    def build(encoder, mask_ratio=None, throw_ratio=None, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-              norm_pix_loss=False, seed=None, num_images=None):
+    def build(encoder, mask_ratio=None, throw_ratio=None, decoder_dim=None, decoder_depth=None, decoder_heads=None,
+              norm_pix_loss=None, seed=None, num_images=None):
         mask_ratio, throw_ratio = _ratios(name, mask_ratio, throw_ratio)
         return MAE(
-            encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, decoder_dim=decoder_dim,
-            decoder_depth=decoder_depth, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss, seed=seed,
-            importance=importance, num_images=num_images if importance else None, name=name,
+            encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, seed=seed, importance=importance,
+            num_images=num_images if importance else None, name=name,
+            **_given(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                     norm_pix_loss=norm_pix_loss),
         )
 
     return build

@@ -1,6 +1,6 @@
 """Pre-training runs: data -> model -> `model.fit` -> encoder, checkpoints, history.
 
-`PretrainConfig` holds every setting of a run (what `train.py` exposes as flags);
+`PretrainConfig` (`keras_mfm.settings`) holds every setting of a run (`train.py`'s flags);
 `pretrain(config)` performs it and writes into `config.output`:
 
 - `encoder.keras`: the encoder alone (`keras.saving.load_model` on any backend, after
@@ -14,7 +14,6 @@
 """
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from keras_mfm import backbones, data, distribution, inputs, methods, optimization
 from keras_mfm.layers.initializers import INIT_SCHEMES
+from keras_mfm.settings import PretrainConfig  # noqa: F401 - the run's settings, re-exported
 from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
     CHECKPOINT,
     CHECKPOINT_STATE,
@@ -45,80 +45,6 @@ from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file 
 
 ENCODER = "encoder.keras"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-@dataclasses.dataclass
-class PretrainConfig:
-    """Settings of one pre-training run (defaults: a few minutes on a laptop CPU)."""
-
-    method: str = "mfm"
-    backbone: str = "vit_tiny"
-    image_size: int = 32
-    patch_size: int = 4
-    depth: int = None  # override of the preset's number of blocks (ViT)
-    data: str = "tfds:cifar10"
-    epochs: int = 1
-    steps_per_epoch: int = None  # None: one pass over the training split per epoch
-    batch_size: int = 128
-    recipe: str = None  # optimisation recipe (optimization.RECIPES; None: the method's authors', e.g. mae for famt)
-    init: str = None  # ViT weight-init scheme (layers.initializers; None: the method's authors')
-    base_lr: float = None  # per reference batch of the recipe (None: the recipe's: mfm 3e-4 / 512, mae 1.5e-4 / 256)
-    lr: float = None  # absolute peak; overrides base_lr * batch / reference batch
-    min_lr: float = None  # absolute (None: the recipe's, scaled with the batch: mfm 2.5e-6 x B / 512, mae 0)
-    warmup_epochs: float = None  # None: the recipe's share of the run (mfm 20 of 300, mae 40 of 400)
-    weight_decay: float = None  # None: the recipe's (0.05)
-    clip_norm: float = None  # global gradient norm (None: the recipe's: mfm 3.0, mae none, simmim 5.0; 0: off)
-    radius: float = None  # None: 16 / 224 * image size
-    p_low: float = None  # None: 0.5 for ViT, 0.3 for ResNet-50
-    outer_radius: float = None  # MFM band masks: r2 (None: plain low/high-pass)
-    radius_range: tuple = None  # MFM: per-image random radius in [min, max) instead of a fixed radius
-    masked_loss: bool = True
-    loss: str = "frequency"  # MFM/restoration: "frequency" or "pixel"
-    gamma: float = 1.0
-    focal: bool = False  # focal spectrum weight matrix (focal frequency loss)
-    focal_alpha: float = 1.0
-    focal_log: bool = False
-    focal_batch: bool = False
-    sr_factor: int = 8
-    blur_sigma: float = None  # None: 5 at 224, scaled with the image size
-    blur_kernel_sizes: tuple = None  # None: odd sizes 7..21 at 224, scaled
-    noise_sigma: float = 75 / 255
-    mask_patch_size: int = None  # SimMIM random-masking unit (None: 2 x patch size)
-    mask_ratio: float = None  # None: 0.75 for MAE, 0.45 for AMT/FAMT
-    throw_ratio: float = None  # None: 0 for MAE, 0.40 for AMT/FAMT
-    refresh_warmup: int = None  # AMT/FAMT: epochs before the first importance refresh (None: 10% of the run, >= 1)
-    refresh_interval: int = None  # AMT/FAMT: epochs between refreshes (None: 10% of the run, >= 1)
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = False
-    seed: int = 0
-    checkpoint_steps: int = None  # also checkpoint every N steps inside an epoch (None: epoch ends only)
-    tensorboard: bool = False  # TensorBoard logs in OUTPUT/tensorboard: scalars and reconstruction figures
-    tensorboard_every: int = None  # epochs between reconstruction figures (None: 10% of the run, >= 1)
-    output: str = "runs/mfm"
-    jit_compile: str = "auto"  # "auto": XLA on TensorFlow (when the model allows) and JAX, eager PyTorch
-    precision: str = "float32"  # dtype policy: float32, mixed_bfloat16 or mixed_float16 (FFTs and losses in float32)
-    distribute: bool = False  # data-parallel (keras_mfm.distribution): JAX DataParallel / TF MirroredStrategy
-    devices: int = None  # with distribute: only the first N devices (default: all)
-    cpu_devices: int = None  # with distribute: split the CPU into N virtual devices (no accelerator needed)
-    coordinator_address: str = None  # several JAX hosts: "host:port" of process 0
-    num_processes: int = None  # several JAX hosts: how many
-    process_id: int = None  # several JAX hosts: this one's rank
-    verbose: int = 1
-    eval: str = "knn,linear"  # score the encoder after pre-training: "knn", "linear", "knn,linear" or "none"
-    eval_train_images: int = 10_000  # k-NN bank / probe training: a seeded random subset of the training split
-    eval_test_images: int = 2_000  # a seeded random subset of the test split (None: all)
-    skip_unreadable: bool = False  # leave out image files that cannot be decoded (each is decoded once first)
-    monitor_knn: int = None  # every N epochs, k-NN top-1 on the eval images in history.csv (None: off)
-
-    def to_json(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, values):
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def build_encoder(config):

@@ -212,10 +212,19 @@ def test_every_setting_has_one_default_and_a_flag():
 
     assert cli_train.config_from_args(cli_train.parse_args([])) == training.PretrainConfig()
     parser = cli_train.build_parser([])
-    dests = {action.dest for action in parser._actions}
-    reachable = {cli_train.FLAG_FIELDS.get(dest, dest) for dest in dests} | {"verbose"}  # --quiet
-    fields = {field.name for field in dataclasses.fields(training.PretrainConfig)}
-    assert fields - reachable == set()
+    defaults = {}
+    for action in parser._actions:
+        defaults.setdefault(action.dest, action.default)
+    for field in dataclasses.fields(training.PretrainConfig):
+        assert field.name in defaults, f"no flag sets {field.name}"
+        assert defaults[field.name] == field.default, field.name
+    # the defaults read from the models and layers they belong to are the authors' (SPEC)
+    config = training.PretrainConfig()
+    assert (config.decoder_dim, config.decoder_depth, config.decoder_heads) == (512, 8, 16)
+    assert (config.gamma, config.loss, config.masked_loss, config.sr_factor) == (1.0, "frequency", True, 8)
+    assert config.noise_sigma == pytest.approx(75 / 255)
+    help_text = parser.format_help()
+    assert "0.75 mae, 0.45 amt/famt/simmim_famt, 0.6 simmim" in " ".join(help_text.split())
 
 
 def test_a_truncated_image_is_one_line_naming_it_or_is_skipped(tmp_path, capsys):
