@@ -3,7 +3,7 @@
 One importance map per training image, scored by the current encoder in inference mode on the
 un-augmented image (resized to the training size, all tokens), from the last block's attention
 (AMT) or attention and patch-token features (FAMT). The table lives in the pre-training model
-(`MAE.importance_table`, saved with its checkpoints); `ImportanceRefresh` refills it at the start
+(`MAE.importance_table`, compact by default, see `encode_table`; saved with its checkpoints); `ImportanceRefresh` refills it at the start
 of epoch `warmup_epochs` and every `interval` epochs after. Before the first refresh the model
 trains as plain MAE (random masking 0.75).
 """
@@ -12,11 +12,80 @@ import time
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_mfm.masking import amt_importance, check_weights, famt_importance
 from keras_mfm.inputs import progress_bar
 
 IMPORTANCE_METHODS = ("amt", "famt")
+
+# -- how the table is stored ---------------------------------------------------------------------
+#: `TokenMaskingModel(importance_storage=...)`: bytes per patch 4, 2 or 1 (+ 4 per image for "uint8").
+IMPORTANCE_STORAGES = ("float32", "float16", "uint8")
+DEFAULT_IMPORTANCE_STORAGE = "uint8"
+#: The draw floors positive weights at this fraction of their row's maximum (`masking.draw_order`).
+_LOWEST_RELATIVE = 1e-37
+_TOP_CODE = 255  # uint8: the row's largest weight; 0 = a zero weight
+_FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16, 6.1e-5
+
+
+def check_storage(storage):
+    if storage not in IMPORTANCE_STORAGES:
+        raise ValueError(f"Unknown importance_storage {storage!r}; choose one of {IMPORTANCE_STORAGES}.")
+    return storage
+
+
+def table_bytes(num_images, num_patches, storage):
+    """Bytes of an importance table of `num_images` maps of `num_patches` values."""
+    per_patch = {"float32": 4, "float16": 2, "uint8": 1}[check_storage(storage)]
+    return num_images * num_patches * per_patch + (num_images * 4 if storage == "uint8" else 0)
+
+
+def encode_table(table, storage):
+    """A float32 table `(images, N)` as stored: `(values, steps)`, `steps` None unless "uint8".
+
+    Only the order of the draw matters, and `masking.draw_order` divides each row by its maximum,
+    so rows are stored relative to their maximum (a row's scale is not kept; rows of zeros stay
+    zeros, i.e. uniform):
+
+    - "float32": the table unchanged.
+    - "float16": `w / max(w)`, positive values at least float16's smallest normal (6.1e-5), so a
+      positive weight stays positive (relative error <= 2**-11).
+    - "uint8": a logarithmic code per patch and one float32 step per image:
+      `code = 255 + round(log(w / max(w)) / step)` (at least 1) for `w > 0`, 0 for `w = 0`, with
+      `step = log(max(w) / min(w)) / 254` over the row's positive weights (their ratio capped at
+      1e37, as the draw floors them). Decoding gives `exp((code - 255) * step)`; the error of each
+      draw key `log w + Gumbel noise` is at most `step / 2` (e.g. 0.009 for weights spanning a
+      factor 100).
+    """
+    table = np.asarray(table, dtype="float32")
+    storage = check_storage(storage)
+    if storage == "float32":
+        return table, None
+    row_max = table.max(axis=1, keepdims=True)
+    scale = np.where(row_max > 0, row_max, 1.0)
+    relative = table / scale
+    if storage == "float16":
+        return np.where(relative > 0, np.maximum(relative, _FLOAT16_TINY), 0.0).astype("float16"), None
+    positive = relative > 0
+    with np.errstate(divide="ignore"):
+        logs = np.where(positive, np.log(np.maximum(relative, _LOWEST_RELATIVE)), 0.0)  # <= 0
+    spread = -logs.min(axis=1)  # log(max / min) over the positive weights (0 for a row without them)
+    steps = (spread / (_TOP_CODE - 1)).astype("float32")
+    safe = np.where(steps > 0, steps, 1.0)[:, None]
+    codes = np.clip(_TOP_CODE + np.rint(logs / safe), 1, _TOP_CODE)
+    codes = np.where(positive, codes, 0)
+    codes[row_max[:, 0] <= 0] = _TOP_CODE  # an all-zero row: uniform, as the draw treats it
+    return codes.astype("uint8"), steps
+
+
+def decode_rows(values, steps=None):
+    """Stored rows (`encode_table`) back to float32 weights, `keras.ops` (usable inside a step)."""
+    if steps is None:
+        return ops.cast(values, "float32")
+    codes = ops.cast(values, "float32")
+    weights = ops.exp((codes - float(_TOP_CODE)) * ops.cast(steps, "float32")[:, None])
+    return ops.where(codes > 0.0, weights, 0.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")

@@ -371,6 +371,8 @@ def _train(config, source, resume, replication, extra_callbacks=()):
     if resume and os.path.isfile(checkpoint):
         with replication.scope():
             model, state = load_checkpoint(checkpoint)
+        if hasattr(model, "check_num_images"):  # AMT/FAMT: one importance map per training image
+            model.check_num_images(train_split.num_examples)
         check_checkpoint_matches(checkpoint, state.get("run"), run_record(config, train_split.num_examples))
         optimization.exclude_from_weight_decay(model, model.optimizer, recipe_of(config).no_decay_names)
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from keras_mfm import backbones, distribution, methods, optimization  # noqa: E402
 from keras_mfm.importance import ImportanceRefresh, ImportanceScorer  # noqa: E402
+from keras_mfm.models.mae import MAE  # noqa: E402
 from keras_mfm.models.token_masking import whole_image_inputs  # noqa: E402
 from tests.conftest import smooth_images  # noqa: E402
 
@@ -74,8 +75,9 @@ with replication.scope():
     keras.utils.set_random_seed(0)
     encoder = backbones.get_backbone("vit_tiny", SIZE, patch_size=4, depth=1, hidden_dim=32, num_heads=2,
                                      position_embedding="sincos")
-    famt = methods.build_method("famt", encoder, seed=0, num_images=IMAGES, decoder_dim=16, decoder_depth=1,
-                                decoder_heads=2)
+    # the float32 table: the refresh's values are compared with the scorer's below
+    famt = MAE(encoder, mask_ratio=0.45, throw_ratio=0.40, seed=0, importance="famt", num_images=IMAGES,
+               decoder_dim=16, decoder_depth=1, decoder_heads=2, importance_storage="float32")
     famt.build((None, SIZE, SIZE, 3))
     famt.compile(optimizer=keras.optimizers.AdamW(1e-3))
 images = smooth_images(IMAGES, SIZE, seed=1)
@@ -116,6 +118,27 @@ def replica_masks():
 
 
 masks_report = replica_masks() if TENSORFLOW else {}
+
+
+def compact_table_step():
+    """The default uint8 table under distribution: stored from the refresh's table, one epoch of
+    importance masking (its gather inside the replicated step), the decoded maps' key error."""
+    with replication.scope():
+        compact = MAE(famt.encoder, mask_ratio=0.45, throw_ratio=0.40, seed=0, importance="famt", num_images=IMAGES,
+                      decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        compact.build((None, SIZE, SIZE, 3))
+        compact.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    compact.set_importance(table)
+    losses = compact.fit(batches(inputs, BATCH), epochs=1, verbose=0).history["loss"]
+    decoded = keras.ops.convert_to_numpy(compact.importance_maps())
+    relative = table / table.max(axis=1, keepdims=True)
+    steps = keras.ops.convert_to_numpy(compact.importance_step)
+    error = np.abs(np.log(decoded) - np.log(relative)) - steps[:, None] / 2
+    return {"compact_dtype": str(keras.ops.convert_to_numpy(compact.importance_table).dtype),
+            "compact_losses": losses, "compact_key_error_over_half_step": float(error.max())}
+
+
+masks_report.update(compact_table_step())
 
 print(json.dumps({
     "replicas": replication.num_replicas, "kind": replication.kind,

@@ -45,6 +45,9 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
     assert report["table_rows_scored"] == report["table_rows"] == 12
     assert report["table_vs_direct"] < 1e-5
     assert np.all(np.isfinite(report["famt_losses"]))
+    # the default uint8 table: a replicated step gathers from it, its keys within half a step
+    assert report["compact_dtype"] == "uint8" and np.all(np.isfinite(report["compact_losses"]))
+    assert report["compact_key_error_over_half_step"] < 1e-6
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute replicas (JAX draws once per global batch)")

@@ -14,9 +14,13 @@ from tests.conftest import smooth_images, to_numpy
 from tests.test_mae import tiny_encoder
 
 
-def famt_model(importance="famt", num_images=32):
-    model = methods.build_method(importance, tiny_encoder(), decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                                 seed=0, num_images=num_images)
+def famt_model(importance="famt", num_images=32, importance_storage="float32"):
+    """A tiny AMT/FAMT MAE. The tests of exact map values keep the float32 table; the compact
+    storages have their own tests (tests/test_importance_storage.py)."""
+    encoder = tiny_encoder()
+    model = MAE(encoder, mask_ratio=0.45, throw_ratio=0.40, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                seed=0, importance=importance, num_images=num_images, importance_storage=importance_storage,
+                name=importance)
     model.build()
     return model
 

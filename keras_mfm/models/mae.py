@@ -126,8 +126,8 @@ class MAE(TokenMaskingModel):
         decoder_dim, decoder_depth, decoder_heads: the decoder (MAE: 512, 8, 16).
         norm_pix_loss: per-patch normalised pixel targets, `(x - mean) / sqrt(var + 1e-6)` with
             the unbiased variance (`n - 1`, as MAE's `target.var(dim=-1)`).
-        seed, importance, num_images, warmup_mask_ratio, cutoff: see `TokenMaskingModel`
-            (warm-up: MAE's random masking 0.75).
+        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage: see
+            `TokenMaskingModel` (warm-up: MAE's random masking 0.75).
     """
 
     def __init__(self, encoder, mask_ratio=0.75, throw_ratio=0.0, decoder_dim=512, decoder_depth=8,

@@ -57,8 +57,8 @@ class SimMIM(TokenMaskingModel):
         throw_ratio: share of patches thrown away (FAMT only; 0 for SimMIM).
         mask_patch_size: side of a random-masking unit in pixels, a multiple of the patch size
             (None: `default_mask_patch_size`). With `importance` it must be the patch size.
-        seed, importance, num_images, warmup_mask_ratio, cutoff: see `TokenMaskingModel`
-            (warm-up: random patch masking at SimMIM's 0.6).
+        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage: see
+            `TokenMaskingModel` (warm-up: random patch masking at SimMIM's 0.6).
     """
 
     def __init__(self, encoder, mask_ratio=SIMMIM_MASK_RATIO, throw_ratio=0.0, mask_patch_size=None, seed=None,
@@ -98,7 +98,8 @@ class SimMIM(TokenMaskingModel):
             return
         self.encoder.ensure_built()
         self.mask_token = self.add_weight(
-            shape=(1, 1, self.encoder.hidden_dim), initializer=initializers.TruncatedNormal(0.02),  # SimMIM's +-1 std cut
+            shape=(1, 1, self.encoder.hidden_dim),
+            initializer=initializers.TruncatedNormal(0.02),  # SimMIM's +-1 std cut
             name="mask_token",
         )
         self.head.build((None, None, self.encoder.hidden_dim))

@@ -7,7 +7,9 @@ importance table (SPEC.md section 2).
 With `importance` set ("amt" or "famt") the model keeps one importance map per training image in a
 non-trainable `(num_images, N)` variable (saved in its checkpoints), which
 `keras_mfm.importance.ImportanceRefresh` refills; until the first refresh the model masks at random
-(`warmup_mask_ratio`, nothing thrown), as the authors' plain-MAE warm-up.
+(`warmup_mask_ratio`, nothing thrown), as the authors' plain-MAE warm-up. The table is stored
+compactly by default (`importance_storage="uint8"`: one logarithmic byte per patch and a float32 step
+per image, `importance.encode_table`), or as float16 or float32.
 """
 
 import keras
@@ -15,7 +17,8 @@ import numpy as np
 from keras import ops
 
 from keras_mfm.distribution import ReplicaSeedGenerator, scale_loss_for_replicas
-from keras_mfm.importance import IMPORTANCE_METHODS
+from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, check_storage, decode_rows,
+                                  encode_table)
 from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import PretrainingModel
 
@@ -48,10 +51,12 @@ class TokenMaskingModel(PretrainingModel):
         num_images: rows of the importance table (the training split's size).
         warmup_mask_ratio: random masking before the table is filled.
         cutoff: FAMT's low-pass cut-off (0.15 of N).
+        importance_storage: how the table is kept: "uint8" (default; 1 byte per patch + 4 per
+            image), "float16" or "float32" (see `importance.encode_table`).
     """
 
     def __init__(self, encoder, mask_ratio, throw_ratio=0.0, seed=None, importance=None, num_images=None,
-                 warmup_mask_ratio=0.75, cutoff=0.15, **kwargs):
+                 warmup_mask_ratio=0.75, cutoff=0.15, importance_storage=DEFAULT_IMPORTANCE_STORAGE, **kwargs):
         super().__init__(**kwargs)
         if not hasattr(encoder, "patch_size"):
             raise ValueError(f"{type(self).__name__} needs a ViT encoder (patch tokens), got {type(encoder).__name__}.")
@@ -76,25 +81,64 @@ class TokenMaskingModel(PretrainingModel):
         self.warmup_mask_ratio = float(warmup_mask_ratio)
         token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0, "mae")  # validates the warm-up ratio
         self.cutoff = float(cutoff)
+        self.importance_storage = check_storage(importance_storage)
         self.importance_ready = False  # Python-level phase: shapes differ before/after the first refresh
 
     def build_importance(self):
         """Creates the importance table and the refresh counter (called from `build`)."""
         if self.importance:
-            self.importance_table = self.add_weight(
-                shape=(self.num_images, self.encoder.num_patches), initializer="ones", trainable=False,
-                name="importance_table",
+            uint8 = self.importance_storage == "uint8"
+            self.importance_table = self.add_weight(  # all ones (uint8: the top code): uniform
+                shape=(self.num_images, self.encoder.num_patches), trainable=False, name="importance_table",
+                initializer=keras.initializers.Constant(255) if uint8 else "ones", dtype=self.importance_storage,
             )
+            self.importance_step = None
+            if uint8:
+                self.importance_step = self.add_weight(shape=(self.num_images,), initializer="zeros",
+                                                       trainable=False, name="importance_step")
             self.refresh_count = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                                  name="refresh_count")
 
     # -- importance (AMT/FAMT) ---------------------------------------------------------------
     def set_importance(self, table):
         """Store a freshly scored table `(num_images, N)` and switch to importance masking."""
+        table = np.asarray(ops.convert_to_numpy(table) if not isinstance(table, np.ndarray) else table)
+        self.check_table_shape(table.shape)
         check_weights(table)
-        self.importance_table.assign(ops.cast(table, "float32"))
+        values, steps = encode_table(table, self.importance_storage)
+        self.importance_table.assign(values)
+        if steps is not None:
+            self.importance_step.assign(steps)
         self.refresh_count.assign(self.refresh_count + 1.0)
         self.importance_ready = True
+
+    def check_table_shape(self, shape, what="The importance table"):
+        """A clear error unless `shape` is this model's `(num_images, num_patches)`."""
+        expected = (self.num_images, self.encoder.num_patches)
+        if tuple(int(d) for d in shape) != expected:
+            got = f"{shape[0]} images x {shape[1]} patches" if len(shape) == 2 else f"shape {tuple(shape)}"
+            raise ValueError(
+                f"{what} holds {got}, but this {self.importance.upper()} model's table is for {expected[0]} images "
+                f"x {expected[1]} patches (the training set's size and the encoder's patch grid)."
+            )
+
+    def check_num_images(self, num_images):
+        """A clear error unless the training set has the table's number of images (e.g. a resumed run)."""
+        if self.importance and int(num_images) != self.num_images:
+            raise ValueError(
+                f"This {self.importance.upper()} model's importance table is for {self.num_images} training images, "
+                f"but the data set has {int(num_images)}: one map per image, so the run needs the same training set."
+            )
+
+    def importance_maps(self, index=None):
+        """The stored maps as float32 `(len(index) or num_images, N)`, each relative to its maximum
+        with compact storage (the draw uses only the order); float32 storage gives the table as set."""
+        values, steps = self.importance_table, self.importance_step
+        if index is not None:
+            index = ops.cast(index, "int32")
+            values = ops.take(values, index, axis=0)
+            steps = None if steps is None else ops.take(steps, index, axis=0)
+        return decode_rows(values, steps)
 
     def sync_importance_phase(self):
         """Importance masking iff the table has been filled (e.g. after loading a checkpoint)."""
@@ -104,8 +148,7 @@ class TokenMaskingModel(PretrainingModel):
     def augmented_importance(self, index, box, flip):
         """Each image's stored map, cropped/flipped like the image, on the patch grid: `(B, N)`."""
         rows, cols = self.encoder.grid_size
-        maps = ops.take(self.importance_table, ops.cast(index, "int32"), axis=0)
-        maps = ops.reshape(maps, (-1, rows, cols))
+        maps = ops.reshape(self.importance_maps(index), (-1, rows, cols))
         return follow_augmentation(maps, box, flip, (rows, cols))
 
     def split_inputs(self, inputs):
@@ -170,5 +213,13 @@ class TokenMaskingModel(PretrainingModel):
             "num_images": self.num_images,
             "warmup_mask_ratio": self.warmup_mask_ratio,
             "cutoff": self.cutoff,
+            "importance_storage": self.importance_storage,
         })
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("importance"):  # saved before the option existed: a float32 table
+            config.setdefault("importance_storage", "float32")
+        return super().from_config(config)
