@@ -453,7 +453,8 @@ def run_row(args, row, data_spec):
     else:
         encoder, info = pretrain_row(args, row, data_spec, row_dir, train_images)
         cpu = info["cpu_seconds"]
-    frozen = {pooling: _part(row_dir, f"frozen_{pooling}", lambda p=pooling: frozen_protocols(args, encoder, data_spec, p))
+    frozen = {pooling: _part(row_dir, f"frozen_{pooling}",
+                             lambda p=pooling: frozen_protocols(args, encoder, data_spec, p))
               for pooling in ("cls", "mean")}
     tuned = _part(row_dir, "finetune", lambda: finetune_protocol(args, encoder, data_spec))
     result.update(

@@ -24,9 +24,9 @@ Keras: `model.train_on_batch` on one fixed in-memory batch (minus the symbolic m
 call and `fit` runs once): the compiled train step `model.fit` runs in
 `train.py` (minus the augmentation, timed on its own), synchronised by its returned loss; `--fit` times
 `model.fit` on a `tf.data` repeat of the batch instead. `jit_compile="auto"` (XLA on JAX; on TensorFlow only
-with a GPU/TPU, so a TF graph on this CPU; eager on PyTorch; `-nojit` variants turn XLA off), after warm-up steps (compilation excluded); one repeat =
-`--steps` steps, the median over `--repeats` repeats is reported. Every implementation runs in its own
-subprocess (`KERAS_BACKEND` set before Keras is imported); the repeats are interleaved (Keras backends and the
+with a GPU/TPU, so a TF graph on this CPU; eager on PyTorch; `-nojit` variants turn XLA off), after
+warm-up steps (compilation excluded); one repeat = `--steps` steps, the median over `--repeats`
+repeats is reported. Every implementation runs in its own subprocess (`KERAS_BACKEND` set before Keras is imported); the repeats are interleaved (Keras backends and the
 reference take turns), so that a machine shared with other jobs slows them alike.
 
 The reference (`--references`) is the same network and step in eager PyTorch, written the way the authors'
@@ -92,8 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--backends", default="torch,jax,tensorflow",
                         help="comma-separated Keras backends; a '-nojit' suffix (tensorflow-nojit, jax-nojit) turns "
                              "XLA off, 'torch-compile' uses jit_compile=True (torch.compile); '@N' (torch@1) sets N "
-                             "torch intra-op threads for that implementation (also for references: explicit@1); '+xnnpack' or "
-                             "'+onednn' (jax+xnnpack) adds that XLA CPU option (XLA_FLAGS) for the implementation")
+                             "torch intra-op threads for that implementation (also for references: explicit@1); "
+                             "'+xnnpack' or '+onednn' (jax+xnnpack) adds that XLA CPU option (XLA_FLAGS) for the "
+                             "implementation")
     parser.add_argument("--references", default="explicit",
                         help="comma-separated PyTorch references: 'explicit' (authors' attention), 'sdpa' "
                              "(F.scaled_dot_product_attention); 'none' for no reference")
@@ -110,8 +111,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--fit", action="store_true",
                         help="time `model.fit` on a tf.data repeat of the batch instead of `train_on_batch` (the same "
-                             "compiled train step; on this machine fit calls took 1.28 s x 2^k more often than not: a wait at "
-                             "their end, cause not found)")
+                             "compiled train step; on this machine fit calls took 1.28 s x 2^k more often than not: "
+                             "a wait at their end, cause not found)")
     parser.add_argument("--quick", action="store_true", help="smoke run: depth 2, batch 16, 1 step x 2 repeats")
     parser.add_argument("--profile", default=None, choices=KERAS_BACKENDS + ("reference",),
                         help="instead of the table: profile the step of the first config on this backend")
@@ -310,7 +311,8 @@ def reference_runner(name, args, attention="explicit"):
             super().__init__()
             self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
             self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-            self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+            hidden = int(dim * mlp_ratio)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
         def forward(self, x):
             x = x + self.attn(self.norm1(x))

@@ -721,8 +721,10 @@ def convert_checkpoint(checkpoint, backbone="vit_base", image_size=224, patch_si
 
 # -- command line ---------------------------------------------------------------------------------
 def _parser():
-    parser = cli.OneLineParser(prog="convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="PyTorch checkpoint (.pth, .pt, .bin) or .safetensors file")
+    parser = cli.OneLineParser(prog="convert", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="PyTorch checkpoint (.pth, .pt, .bin) or .safetensors file")
     parser.add_argument("--backbone", required=True,
                         help="preset: vit_tiny | vit_small | vit_base | resnet50 (= resnet50_v1_5)")
     parser.add_argument("--image-size", type=int, default=224, help="default: 224")

@@ -269,7 +269,8 @@ def _tfds_split(source, split, timeout=120.0):
         raise DataError(f"Unknown TFDS data set {name!r} ({error}); {hint}.") from error
     if not builder.is_prepared():
         if not _network_reachable():
-            raise DataError(f"TFDS data set {name!r} is not on this machine and cannot be downloaded (no network); {hint}.")
+            raise DataError(f"TFDS data set {name!r} is not on this machine and cannot be downloaded (no network); "
+                            f"{hint}.")
         failure = []
 
         def prepare():
@@ -423,8 +424,9 @@ def pretraining_dataset(
     Yields `images` `(B, H, W, 3)` float32 in [0, 1] (or `(images, labels)` with `with_labels`),
     full batches only. With `with_geometry` it yields a dict `{"images", "index" (B,) int64,
     "box" (B, 4) float32 (y0, x0, y1, x1) fractions of the source image, "flip" (B,) int32 0/1}`: what
-    FAMT needs to make each image's importance map follow its crop and flip. Deterministic given `seed`: the crops and flips come from stateless ops fed
-    by `tf.data.Dataset.random(seed)` and the shuffle is seeded (re-shuffled every epoch).
+    FAMT needs to make each image's importance map follow its crop and flip. Deterministic given
+    `seed`: the crops and flips come from stateless ops fed by `tf.data.Dataset.random(seed)` and
+    the shuffle is seeded (re-shuffled every epoch).
     `cache` keeps the decoded images in memory (right for CIFAR-sized data).
     """
     tf = _tf()
@@ -646,7 +648,8 @@ def with_index(images, box=None, flip=None):
     if images.ndim != 4:
         raise ValueError(f"with_index: images must be (N, height, width, 3); got shape {images.shape}.")
     count = len(images)
-    box = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], "float32"), (count, 1)) if box is None else np.asarray(box, "float32")
+    whole = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], "float32"), (count, 1))
+    box = whole if box is None else np.asarray(box, "float32")
     flip = np.zeros(count, "int32") if flip is None else np.asarray(flip, "int32")
     if box.shape != (count, 4) or flip.shape != (count,):
         raise ValueError(f"with_index: box must be ({count}, 4) and flip ({count},); got {box.shape} and {flip.shape}.")

@@ -259,7 +259,8 @@ class AdamW(keras.optimizers.AdamW):
         self.assign_add(m, keras.ops.multiply(keras.ops.subtract(gradient, m), 1 - self.beta_1))
         self.assign_add(v, keras.ops.multiply(keras.ops.subtract(keras.ops.square(gradient), v), 1 - self.beta_2))
         denominator = keras.ops.add(keras.ops.sqrt(v), self.epsilon * correction_2)
-        self.assign_sub(variable, keras.ops.divide(keras.ops.multiply(m, lr * correction_2 / correction_1), denominator))
+        update = keras.ops.multiply(m, lr * correction_2 / correction_1)
+        self.assign_sub(variable, keras.ops.divide(update, denominator))
 
     def _fused_path(self):
         if keras.backend.backend() != "torch" or self.amsgrad or self.use_ema:

@@ -119,10 +119,12 @@ def validate(config):
     if config.warmup_epochs is not None and config.warmup_epochs > config.epochs:
         raise ValueError(f"--warmup-epochs {config.warmup_epochs} is longer than the run (--epochs {config.epochs}).")
     if not config.gamma > 0:
-        raise ValueError(f"--gamma must be > 0 (the focal exponent; 1 is the plain frequency loss), got {config.gamma}.")
+        raise ValueError(f"--gamma must be > 0 (the exponent of the frequency distance; 1: the plain frequency "
+                         f"loss), got {config.gamma}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
     if config.recipe is not None and config.recipe not in optimization.RECIPES:
-        raise ValueError(f"Unknown --recipe {config.recipe!r}; choose one of {', '.join(sorted(optimization.RECIPES))}.")
+        raise ValueError(f"Unknown --recipe {config.recipe!r}; choose one of "
+                         f"{', '.join(sorted(optimization.RECIPES))}.")
     if config.init is not None and config.init not in INIT_SCHEMES:
         raise ValueError(f"Unknown --init {config.init!r}; choose one of {', '.join(INIT_SCHEMES)}.")
     if config.precision not in PRECISIONS:

@@ -291,7 +291,8 @@ def token_reconstruction(model, images, importance=None):
     labels, masked, prediction = _token_draw(model, images, importance)
     if getattr(model, "norm_pix_loss", False):  # per-patch normalised: re-scale with the true patches
         true = np.take_along_axis(patchify_numpy(_normalize(model, images), p), masked[:, :, None], axis=1)
-        prediction = prediction * np.sqrt(true.var(axis=-1, ddof=1, keepdims=True) + 1e-6) + true.mean(axis=-1, keepdims=True)
+        spread = np.sqrt(true.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+        prediction = prediction * spread + true.mean(axis=-1, keepdims=True)
     batch, count = masked.shape
     prediction = _denormalize(model, prediction.reshape(batch, count, p * p, 3)).reshape(batch, count, -1)
     predicted = np.zeros((batch, encoder.num_patches, p * p * 3), "float32")

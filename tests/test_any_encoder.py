@@ -30,7 +30,8 @@ def test_pooling_follows_the_output_rank(output):
     images = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype("float32")
     raw = to_numpy(model(images))
     pooled = to_numpy(encoder.pooled_features(encoder(images), "mean"))
-    expected = {"vector": lambda: raw, "tokens": lambda: raw.mean(axis=1), "map": lambda: raw.mean(axis=(1, 2))}[output]()
+    poolings = {"vector": lambda: raw, "tokens": lambda: raw.mean(axis=1), "map": lambda: raw.mean(axis=(1, 2))}
+    expected = poolings[output]()
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
     if output == "tokens":
         np.testing.assert_allclose(to_numpy(encoder.pooled_features(encoder(images), "cls")), raw[:, 0], rtol=1e-6)

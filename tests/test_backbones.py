@@ -200,7 +200,8 @@ def test_resnet_layouts_share_weights_and_outputs(variant):
     assert keras.config.image_data_format() == "channels_last"  # the global setting is restored
     rng = np.random.default_rng(0)
     # random weights, positive variances: every BatchNorm statistic and scale differs per channel
-    weights = [(np.abs(w) + 0.5 if "variance" in v.path else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
+    weights = [(np.abs(w) + 0.5 if "variance" in v.path
+                else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
                .astype("float32") for v, w in zip(last.weights, last.get_weights())]
     last.set_weights(weights)
     first.set_weights(weights)
@@ -231,7 +232,8 @@ def test_resnet50_v1_is_keras_application_on_fused_layers():
     assert fused.Conv2D in kinds and fused.BatchNormalization in kinds
     assert keras.layers.Conv2D not in kinds and keras.layers.BatchNormalization not in kinds
     rng = np.random.default_rng(1)
-    weights = [(np.abs(w) + 0.5 if "variance" in v.path else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
+    weights = [(np.abs(w) + 0.5 if "variance" in v.path
+                else rng.normal(0, 0.05, w.shape) + (w if "gamma" in v.path else 0))
                .astype("float32") for v, w in zip(app.weights, app.get_weights())]
     app.set_weights(weights)
     ours.resnet.set_weights(weights)

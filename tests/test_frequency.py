@@ -60,7 +60,8 @@ def test_frequency_filter_identities():
     np.testing.assert_allclose(to_numpy(frequency.frequency_filter(images, keep_all)), images, atol=1e-5)
     # keeping only the zero frequency gives each channel's mean (inside [0, 1], so the clip is a no-op)
     dc_only = to_numpy(frequency.frequency_filter(images, frequency.circular_mask(16, 0.5)))
-    np.testing.assert_allclose(dc_only, np.broadcast_to(images.mean(axis=(1, 2), keepdims=True), images.shape), atol=1e-5)
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(dc_only, np.broadcast_to(mean, images.shape), atol=1e-5)
     # high-pass images are about zero-mean: the clip keeps only their positive part
     high = to_numpy(frequency.frequency_filter(images, frequency.circular_mask(16, 2.0, low_pass=False)))
     assert high.min() >= 0.0 and high.max() <= 1.0 and (high == 0).mean() > 0.3
@@ -94,7 +95,8 @@ def test_frequency_loss_shared_mask_and_hand_case():
     # a high-pass kept-mask masks the zero frequency: it is scored; a low-pass one keeps it: not scored
     high = frequency.circular_mask(4, 1.0, low_pass=False)
     low = frequency.circular_mask(4, 1.0, low_pass=True)
-    np.testing.assert_allclose(float(to_numpy(frequency.frequency_loss(pred, target, high))), (2.0 + 2e-6) / 3, rtol=1e-5)
+    loss = float(to_numpy(frequency.frequency_loss(pred, target, high)))
+    np.testing.assert_allclose(loss, (2.0 + 2e-6) / 3, rtol=1e-5)
     np.testing.assert_allclose(float(to_numpy(frequency.frequency_loss(pred, target, low))), 1e-6, rtol=1e-3)
 
 
@@ -124,7 +126,8 @@ def test_frequency_loss_gradient_matches_finite_differences():
         up, down = pred.copy(), pred.copy()
         up[index] += eps
         down[index] -= eps
-        numeric = (reference.frequency_loss(up, target, mask) - reference.frequency_loss(down, target, mask)) / (2 * eps)
+        difference = reference.frequency_loss(up, target, mask) - reference.frequency_loss(down, target, mask)
+        numeric = difference / (2 * eps)
         np.testing.assert_allclose(grad[index], numeric, rtol=1e-2, atol=1e-5)
 
 

@@ -6,6 +6,7 @@ from keras_mfm import frequency
 from keras_mfm.layers import FrequencyMasking
 from tests import reference
 from tests.conftest import to_numpy
+from tests.harness import check_layer_serialization
 
 
 def test_masks_are_low_or_high_pass_and_images_filtered():
@@ -49,8 +50,7 @@ def test_default_radius_scales_with_image_size():
 
 def test_serialization_round_trip():
     layer = FrequencyMasking(radius=2.5, p_low=0.3, seed=7, name="fm")
-    clone = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert isinstance(clone, FrequencyMasking)
+    clone = check_layer_serialization(layer)
     assert (clone.radius, clone.p_low, clone.seed, clone.name) == (2.5, 0.3, 7, "fm")
 
 
@@ -130,7 +130,8 @@ def test_random_radius_with_band():
     layer = FrequencyMasking(radius_range=(1.0, 3.0), outer_radius=4.0, seed=8)
     _, mask = layer(np.zeros((32, 11, 11, 1), "float32"))
     # r1 drawn in [1, 3), r2 = 4: the low-pass draw keeps |k| < r1 or |k| >= 4
-    candidates = [reference.band_mask(11, 11, r, 4.0, low_pass=True) for r in reference.radii_in_range(11, 11, 1.0, 3.0)]
+    candidates = [reference.band_mask(11, 11, r, 4.0, low_pass=True)
+                  for r in reference.radii_in_range(11, 11, 1.0, 3.0)]
     lows = [_low_version(m) for m in to_numpy(mask)]
     assert all(any(np.array_equal(low, c) for c in candidates) for low in lows)
     assert len({int(low.sum()) for low in lows}) >= 3
@@ -187,13 +188,16 @@ def test_radius_range_larger_than_spectrum():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(radius=1.5, outer_radius=3.0), dict(radius_range=(1.0, 3.0)), dict(radius_range=(1.0, 3.0), outer_radius=3.5)],
+    [
+        dict(radius=1.5, outer_radius=3.0),
+        dict(radius_range=(1.0, 3.0)),
+        dict(radius_range=(1.0, 3.0), outer_radius=3.5),
+    ],
 )
 def test_serialization_round_trip_with_options(kwargs):
     layer = FrequencyMasking(p_low=0.4, seed=9, name="fm", **kwargs)
     config = layer.get_config()
-    clone = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert isinstance(clone, FrequencyMasking) and clone.get_config() == config
+    clone = check_layer_serialization(layer)
     assert clone.outer_radius == kwargs.get("outer_radius")
     assert clone.radius_range == (None if "radius_range" not in kwargs else tuple(kwargs["radius_range"]))
     images = np.random.default_rng(4).random((8, 9, 9, 3)).astype("float32")

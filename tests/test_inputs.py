@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from keras_mfm import backbones, data, inputs, models
-from keras_mfm.importance import ImportanceRefresh
 from tests.conftest import REPO
 
 

@@ -279,9 +279,11 @@ def test_all_zero_row_is_uniform_and_scale_invariance():
     weights[::2] = 0.0
     ones = weights.copy()
     ones[::2] = 1.0
-    np.testing.assert_array_equal(to_numpy(masking.draw_order(weights, seed=6)), to_numpy(masking.draw_order(ones, seed=6)))
+    np.testing.assert_array_equal(to_numpy(masking.draw_order(weights, seed=6)),
+                                  to_numpy(masking.draw_order(ones, seed=6)))
     # Gumbel-top-k only depends on log-weight differences (x4 is exact in float32)
-    np.testing.assert_array_equal(to_numpy(masking.draw_order(4 * weights, seed=6)), to_numpy(masking.draw_order(weights, seed=6)))
+    np.testing.assert_array_equal(to_numpy(masking.draw_order(4 * weights, seed=6)),
+                                  to_numpy(masking.draw_order(weights, seed=6)))
     zero_labels = to_numpy(masking.select_tokens(np.zeros((20000, 10), "float32"), 0.5, seed=1).labels)
     np.testing.assert_allclose(np.mean(zero_labels == masking.MASKED, axis=0), 0.5, atol=0.03)
 
@@ -344,7 +346,8 @@ def test_amt_importance_hand_case():
     head_b = [0.5, 0.2, 0.2, 0.1]  # patches [0.2, 0.2, 0.1] -> [1, 1, 0]
     attention[0, :, 0] = head_a  # both heads alike: [0, 1, 0.5]
     attention[1, 0, 0], attention[1, 1, 0] = head_a, head_b  # head mean: [0.5, 1, 0.25]
-    np.testing.assert_allclose(to_numpy(masking.amt_importance(attention)), [[0.0, 1.0, 0.5], [0.5, 1.0, 0.25]], atol=1e-6)
+    np.testing.assert_allclose(to_numpy(masking.amt_importance(attention)), [[0.0, 1.0, 0.5], [0.5, 1.0, 0.25]],
+                               atol=1e-6)
 
 
 def test_importance_matches_reference():
@@ -369,7 +372,8 @@ def test_importance_matches_reference():
 def test_importance_hand_cases():
     n = 16
     uniform = np.full((2, 3, n + 1, n + 1), 1.0 / (n + 1), "float32")
-    np.testing.assert_allclose(to_numpy(masking.famt_attention_score(uniform)), np.full((2, n), 2.0 / (n + 1) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(masking.famt_attention_score(uniform)), np.full((2, n), 2.0 / (n + 1) ** 2),
+                               rtol=1e-5)
     np.testing.assert_allclose(to_numpy(masking.amt_importance(uniform)), np.zeros((2, n)), atol=1e-6)
     # constant along the tokens: only the zero frequency, kernel ~1 there -> energy 1
     constant = np.tile(np.array([1.0, -2.0, 0.5, 3.0, 0.0, 1.0, 1.0, -1.0], "float32"), (2, n, 1))
@@ -377,7 +381,8 @@ def test_importance_hand_cases():
     # alternating sign: only frequency N/2, kept with weight g_{N/2} = 1 - exp(-0.25 / (2 * 1.2^2))
     alternating = ((-1.0) ** np.arange(n))[None, :, None] * np.ones((2, n, 8))
     g_half = 1.0 - np.exp(-0.25 / (2 * (0.15 * n / 2) ** 2))
-    np.testing.assert_allclose(to_numpy(masking.low_frequency_energy(alternating.astype("float32"))), np.full((2, n), g_half), rtol=1e-5)
+    energy = to_numpy(masking.low_frequency_energy(alternating.astype("float32")))
+    np.testing.assert_allclose(energy, np.full((2, n), g_half), rtol=1e-5)
 
 
 def test_importance_errors():
@@ -423,7 +428,8 @@ def test_follow_quarter_crop_upsamples():
     blocks[0, :2, :2] = [[1.0, 2.0], [3.0, 4.0]]
     out = to_numpy(masking.follow_augmentation(blocks, box, np.array([False]), 4)).reshape(4, 4)
     assert out[0, 0] == 1.0
-    np.testing.assert_allclose(out[1, 1], 0.75 * 0.75 * 1 + 0.75 * 0.25 * 2 + 0.25 * 0.75 * 3 + 0.25 * 0.25 * 4, rtol=1e-6)
+    bilinear = 0.75 * 0.75 * 1 + 0.75 * 0.25 * 2 + 0.25 * 0.75 * 3 + 0.25 * 0.25 * 4
+    np.testing.assert_allclose(out[1, 1], bilinear, rtol=1e-6)
 
 
 def test_follow_aligned_crop_is_a_slice():

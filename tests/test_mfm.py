@@ -1,4 +1,3 @@
-import os
 
 import keras
 import numpy as np
@@ -7,6 +6,7 @@ import pytest
 from keras_mfm import backbones, frequency, methods
 from keras_mfm.models import MFM, PixelShuffleHead
 from tests.conftest import smooth_images, to_numpy
+from tests.harness import check_model_saving
 
 
 def small_vit(size=16):
@@ -39,7 +39,9 @@ def test_mfm_outputs_and_loss_is_the_frequency_loss():
     np.testing.assert_allclose(to_numpy(loss), to_numpy(want), rtol=1e-6)
     model_full = MFM(model.encoder, radius=2.0, seed=0, masked_loss=False)
     full = model_full.compute_loss(x=x, y_pred=(pred, mask))
-    np.testing.assert_allclose(to_numpy(full), to_numpy(frequency.frequency_loss(pred, model.encoder.normalize(x))), rtol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(full), to_numpy(frequency.frequency_loss(pred, model.encoder.normalize(x))), rtol=1e-6
+    )
 
 
 def test_pixel_and_focal_loss_options():
@@ -50,11 +52,15 @@ def test_pixel_and_focal_loss_options():
     got = to_numpy(model.compute_loss(x=x, y_pred=(pred, mask)))
     np.testing.assert_allclose(got, np.mean((to_numpy(pred) - target) ** 2), rtol=1e-5)
     focal = MFM(model.encoder, radius=2.0, seed=0, focal=True, focal_alpha=2.0, focal_log=True, focal_batch=True)
-    want = frequency.frequency_loss(pred, target, mask, focal=True, focal_alpha=2.0, focal_log=True,
-                                    focal_batch=True)
+    want = frequency.frequency_loss(pred, target, mask, focal=True, focal_alpha=2.0, focal_log=True, focal_batch=True)
     np.testing.assert_allclose(to_numpy(focal.compute_loss(x=x, y_pred=(pred, mask))), to_numpy(want), rtol=1e-6)
     config = focal.get_config()
-    assert (config["focal"], config["focal_alpha"], config["focal_log"], config["loss"]) == (True, 2.0, True, "frequency")
+    assert (config["focal"], config["focal_alpha"], config["focal_log"], config["loss"]) == (
+        True,
+        2.0,
+        True,
+        "frequency",
+    )
     with pytest.raises(ValueError, match="Unknown loss 'l3'"):
         MFM(small_vit(), loss="l3")
 
@@ -104,17 +110,13 @@ def test_mfm_save_load_round_trip(tmp_path):
     model = MFM(small_vit(), radius=2.5, p_low=0.4, seed=3, gamma=2.0)
     x = batch(2)
     model(x)
-    path = os.path.join(tmp_path, "mfm.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, MFM) and loaded.gamma == 2.0 and loaded.corruption.radius == 2.5
-    tokens = to_numpy(model.encoder(x))
-    np.testing.assert_allclose(to_numpy(loaded.encoder(x)), tokens, atol=1e-6)
-    np.testing.assert_allclose(
-        to_numpy(loaded.head(loaded.encoder.feature_map(tokens))),
-        to_numpy(model.head(model.encoder.feature_map(tokens))),
-        atol=1e-5,
-    )
+
+    def encoder_and_head(m, images):  # deterministic (the corruption draws at random)
+        tokens = m.encoder(images)
+        return tokens, m.head(m.encoder.feature_map(tokens))
+
+    loaded = check_model_saving(model, x, tmp_path, outputs=encoder_and_head, atol=1e-5)
+    assert loaded.gamma == 2.0 and loaded.corruption.radius == 2.5
 
 
 def test_unknown_method():

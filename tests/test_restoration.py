@@ -9,6 +9,7 @@ from keras_mfm.layers import AdditiveNoise, Downsampling, GaussianBlur, Restorat
 from keras_mfm.layers.restoration import RESTORATIONS
 from keras_mfm.models import MFM
 from tests.conftest import smooth_images, to_numpy
+from tests.harness import check_layer_serialization
 
 
 def uniform_images(n, size, seed=0):
@@ -207,8 +208,7 @@ def test_outputs_and_serialization(name):
     assert keras.backend.standardize_dtype(mask.dtype) == "float32"
     assert not np.any(to_numpy(mask))
     assert layer.compute_output_shape((None, 16, 16, 3)) == ((None, 16, 16, 3), (None, 16, 16))
-    clone = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert type(clone) is type(layer) and clone.get_config() == layer.get_config()
+    check_layer_serialization(layer)
 
 
 def test_zero_kept_mask_scores_the_full_spectrum():

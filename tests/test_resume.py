@@ -41,7 +41,8 @@ def read_position(output):
 
 def test_pretraining_epoch_is_a_function_of_seed_epoch_and_step(tmp_path):
     split = data.load_split(write_folder(str(tmp_path / "set"), per_class=8), "train")
-    epoch = lambda e, skip=0, seed=1: [b.numpy() for b in data.pretraining_epoch(split, 16, 4, 6, e, seed, skip)]  # noqa: E731
+    def epoch(e, skip=0, seed=1):
+        return [b.numpy() for b in data.pretraining_epoch(split, 16, 4, 6, e, seed, skip)]
     first = epoch(1)
     assert len(first) == 6  # 6 steps of 4 from 16 images: the epoch spans two passes
     for a, b in zip(first, epoch(1)):

@@ -128,7 +128,8 @@ def test_train_on_real_cifar10_archive(tmp_path):
 def test_readme_command_on_this_backend(tmp_path):
     """The issue's acceptance command, as written in the README (about 1-2 minutes per backend)."""
     output = str(tmp_path / "readme")
-    args = ["train.py", "--data", CIFAR_ARCHIVE, "--epochs", "1", "--steps-per-epoch", "20", "--output", output, "--quiet"]
+    args = ["train.py", "--data", CIFAR_ARCHIVE, "--epochs", "1", "--steps-per-epoch", "20", "--output", output,
+            "--quiet"]
     result = run_python(args, BACKEND, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
 

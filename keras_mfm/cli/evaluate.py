@@ -67,7 +67,8 @@ def parse_args(argv=None):
     group.add_argument("--train-images", type=int, default=0, help="seeded subset of the training split (0: all)")
     group.add_argument("--test-images", type=int, default=0, help="seeded subset of the test split (0: all)")
     group.add_argument("--skip-unreadable", action="store_true",
-                       help="leave out image files that cannot be decoded, with a count (each image is decoded once first)")
+                       help="leave out image files that cannot be decoded, with a count (each image is decoded "
+                       "once first)")
     group.add_argument("--output", default=None, help="write the metrics as JSON here")
     group.add_argument("--backend", choices=BACKENDS, default=None, help="Keras backend")
     group.add_argument("--seed", type=int, default=0)

@@ -75,7 +75,8 @@ def build_parser(argv=None):
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     run = groups["run"]
     run.add_argument("--backend", choices=BACKENDS, default=None,
-                     help="Keras backend (sets KERAS_BACKEND before Keras loads; default: $KERAS_BACKEND or tensorflow)")
+                     help="Keras backend (sets KERAS_BACKEND before Keras loads; default: $KERAS_BACKEND or "
+                     "tensorflow)")
     run.add_argument("--overwrite", action="store_true",
                      help="start a new run in an --output folder that already holds one (its files are replaced)")
     run.add_argument("--resume", action="store_true",

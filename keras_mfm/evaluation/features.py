@@ -99,7 +99,8 @@ class EvaluationData:
         """Both splits as un-augmented `(images, labels)` batches of `image_size`, in order."""
         from keras_mfm import data
 
-        return [data.evaluation_dataset(split, image_size, batch_size, cache=False) for split in (self.train, self.test)]
+        return [data.evaluation_dataset(split, image_size, batch_size, cache=False)
+                for split in (self.train, self.test)]
 
 
 def load_evaluation_data(source, train_images=None, test_images=None, seed=0):

@@ -53,8 +53,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 class PretrainingModel(EncoderModel):
     """A self-supervised pre-training model: `fit` checks the input contract (`keras_mfm.inputs`:
     float NHWC images in [0, 1] of the encoder's size, plus what the method needs, `check_batch`)
-    on arrays before the first step and on `tf.data` pipelines batch by batch as they are made and stops at a non-finite loss (`StopOnNonFiniteLoss`, unless the caller
-    passes its own `keras.callbacks.TerminateOnNaN`)."""
+    on arrays before the first step and on `tf.data` pipelines batch by batch as they are made,
+    and stops at a non-finite loss (`StopOnNonFiniteLoss`, unless the caller passes its own
+    `keras.callbacks.TerminateOnNaN`)."""
 
     def check_batch(self, batch, where):
         """Raises `inputs.ImageInputError` when a batch as `fit` receives it breaks the contract."""
