@@ -26,8 +26,9 @@ call and `fit` runs once): the compiled train step `model.fit` runs in
 `model.fit` on a `tf.data` repeat of the batch instead. `jit_compile="auto"` (XLA on JAX; on TensorFlow only
 with a GPU/TPU, so a TF graph on this CPU; eager on PyTorch; `-nojit` variants turn XLA off), after
 warm-up steps (compilation excluded); one repeat = `--steps` steps, the median over `--repeats`
-repeats is reported. Every implementation runs in its own subprocess (`KERAS_BACKEND` set before Keras is imported); the repeats are interleaved (Keras backends and the
-reference take turns), so that a machine shared with other jobs slows them alike.
+repeats is reported. Every implementation runs in its own subprocess (`KERAS_BACKEND` set before
+Keras is imported); the repeats are interleaved (Keras backends and the reference take turns), so
+that a machine shared with other jobs slows them alike.
 
 The reference (`--references`) is the same network and step in eager PyTorch, written the way the authors'
 code is: timm-style ViT blocks (fused qkv Linear; explicit `softmax(q k^T) v` attention as in the timm version

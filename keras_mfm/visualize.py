@@ -7,11 +7,12 @@ pair of rows: the pictures, then their centred log-magnitude spectra `log(1 + |f
 (mean over the channels). Colour maps and the spectrum scale are shared along a row, so the kept and
 removed frequencies compare at a glance.
 
-`reconstruction_figure(model, images, path)` shows what a pre-training model makes of a few images
-(MFM and the restoration baselines: the image, the corrupted input and the prediction with their
-spectra; MAE/AMT/FAMT and SimMIM: the importance map, the visible/masked/thrown tokens and the
-reconstruction); `history_figure(history_csv, path)` plots a run's `history.csv`. Both are what
-`eval.py show` writes and `keras_mfm.tensorboard.ReconstructionImages` logs.
+`reconstruction_figure(model, images, path)` draws what a pre-training model makes of a few images,
+as the model itself reports it (`model.reconstruct(images)`; MFM and the restoration baselines: the
+image, the corrupted input and the prediction with their spectra; MAE/AMT/FAMT and SimMIM: the
+importance map, the visible/masked/thrown tokens and the reconstruction); `history_figure(history_csv,
+path)` plots a run's `history.csv`. Both are what `eval.py show` writes and
+`keras_mfm.tensorboard.ReconstructionImages` logs.
 """
 
 import csv
@@ -22,11 +23,10 @@ import numpy as np
 from keras import ops
 
 from keras_mfm import frequency
-from keras_mfm.importance import ImportanceScorer
 from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur
 from keras_mfm.masking import MASKED, THROWN, VISIBLE, select_tokens
-from keras_mfm.models import MFM, SimMIM, TokenMaskingModel
+from keras_mfm.models import MFM, TokenMaskingModel
 from keras_mfm.models.mae import patchify, unpatchify
 
 GREY = 0.5  # fill colour of a masked patch
@@ -188,16 +188,6 @@ def _check_images(model, images):
     return images
 
 
-def _normalize(model, images):
-    """NumPy `encoder.normalize`: `(x - mean) / std` per channel."""
-    return (images - np.asarray(model.encoder.mean, "float32")) / np.asarray(model.encoder.std, "float32")
-
-
-def _denormalize(model, values):
-    """Inverse of `_normalize` on anything whose last axis is the colour (3)."""
-    return values * np.asarray(model.encoder.std, "float32") + np.asarray(model.encoder.mean, "float32")
-
-
 def patchify_numpy(images, patch_size):
     """`models.mae.patchify` as a NumPy array: `(B, H, W, C) -> (B, N, p * p * C)`, row-major patches."""
     return _numpy(patchify(np.asarray(images, dtype="float32"), patch_size))
@@ -234,72 +224,29 @@ def compose_reconstruction(images, labels, predicted_patches, patch_size):
 
 
 def frequency_reconstruction(model, images):
-    """What an MFM (or restoration) model makes of `images` (NumPy, all `(B, H, W, ...)`):
-    `{"corrupted", "kept_mask", "prediction"}`; the prediction un-normalised and clipped to [0, 1]."""
-    images = _check_images(model, images)
-    corrupted, kept_mask = model.corruption(images)
-    features = model.encoder(corrupted, training=False)
-    prediction = _denormalize(model, _numpy(model.head(model.encoder.feature_map(features))))
-    return {
-        "corrupted": np.clip(_numpy(corrupted), 0.0, 1.0),
-        "kept_mask": _numpy(kept_mask),
-        "prediction": np.clip(prediction, 0.0, 1.0),
-    }
-
-
-def _token_draw(model, images, importance):
-    """`(labels (B, N), masked (B, M), prediction (B, M, p*p*3))` NumPy of one draw."""
-    if isinstance(model, SimMIM):
-        masking = model.draw(images, importance)
-        prediction = model.reconstruct(images, masking, training=False)
-        patch_mask = _numpy(masking.patch_mask)
-        labels = np.where(patch_mask > 0.5, MASKED, VISIBLE).astype("int32")
-        if masking.token_indices is not None:  # patches in neither the encoder sequence nor the loss
-            present = np.zeros(labels.shape, bool)
-            np.put_along_axis(present, np.asarray(ops.convert_to_numpy(masking.token_indices)), True, axis=1)
-            labels[~present] = THROWN
-        masked = masking.masked
-    else:
-        selection = model.select(images, importance)
-        prediction = model.reconstruct(images, selection, training=False)
-        labels = np.asarray(ops.convert_to_numpy(selection.labels)).astype("int32")
-        masked = selection.masked
-    return labels, np.asarray(ops.convert_to_numpy(masked)).astype("int64"), _numpy(prediction)
+    """`model.reconstruct(images)` of an MFM (or restoration) model as NumPy, all `(B, H, W, ...)`:
+    `{"corrupted", "kept_mask", "prediction"}`, the images clipped to [0, 1] for display."""
+    views = {key: _numpy(value) for key, value in model.reconstruct(_check_images(model, images)).items()}
+    views["corrupted"] = np.clip(views["corrupted"], 0.0, 1.0)
+    views["prediction"] = np.clip(views["prediction"], 0.0, 1.0)
+    return views
 
 
 def token_reconstruction(model, images, importance=None):
-    """What an MAE/AMT/FAMT or SimMIM model makes of `images` (NumPy):
-
-    `{"importance": (B, N) or None, "labels": (B, N), "predicted_patches": (B, N, p*p*3) pixels
-    (zeros where nothing was predicted), "tokens", "reconstruction", "prediction"}` (images).
-    `importance`: the weights of the draw; None and a model with `importance` ("amt"/"famt"):
-    scored by `ImportanceScorer` on these images, so the masks shown follow it.
-    """
+    """`model.reconstruct(images, importance)` of an MAE/AMT/FAMT or SimMIM model laid out as images
+    (NumPy): `{"importance": (B, N) or None, "labels": (B, N), "predicted_patches": (B, N, p*p*3)
+    pixels (zeros where nothing was predicted), "tokens", "reconstruction", "prediction"}`.
+    `importance`: the weights of the draw (None: an AMT/FAMT model scores these images)."""
     images = _check_images(model, images)
-    encoder = model.encoder
-    p, grid = encoder.patch_size, tuple(encoder.grid_size)
-    if importance is not None and isinstance(model, SimMIM) and not model.importance:
-        raise ValueError(f"{model.name} masks random units of {model.mask_patch_size} pixels; it draws no "
-                         "patches by importance (build SimMIM with importance='famt' for that).")
-    if importance is None and model.importance:
-        importance = ImportanceScorer(encoder, model.importance, model.cutoff)(images)
-    if importance is not None:
-        importance = _numpy(importance)
-        if importance.shape != (len(images), encoder.num_patches):
-            raise ValueError(f"Expected an importance map of shape {(len(images), encoder.num_patches)} "
-                             f"(images, patches), got {importance.shape}.")
-    labels, masked, prediction = _token_draw(model, images, importance)
-    if getattr(model, "norm_pix_loss", False):  # per-patch normalised: re-scale with the true patches
-        true = np.take_along_axis(patchify_numpy(_normalize(model, images), p), masked[:, :, None], axis=1)
-        spread = np.sqrt(true.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
-        prediction = prediction * spread + true.mean(axis=-1, keepdims=True)
-    batch, count = masked.shape
-    prediction = _denormalize(model, prediction.reshape(batch, count, p * p, 3)).reshape(batch, count, -1)
-    predicted = np.zeros((batch, encoder.num_patches, p * p * 3), "float32")
-    np.put_along_axis(predicted, masked[:, :, None], np.clip(prediction, 0.0, 1.0), axis=1)
+    p, grid = model.encoder.patch_size, tuple(model.encoder.grid_size)
+    out = model.reconstruct(images, None if importance is None else _numpy(importance))
+    labels = np.asarray(ops.convert_to_numpy(out["labels"])).astype("int32")
+    masked = np.asarray(ops.convert_to_numpy(out["masked"])).astype("int64")
+    predicted = np.zeros((len(images), model.encoder.num_patches, p * p * 3), "float32")
+    np.put_along_axis(predicted, masked[:, :, None], np.clip(_numpy(out["prediction"]), 0.0, 1.0), axis=1)
     original = patchify_numpy(images, p)
     return {
-        "importance": importance,
+        "importance": None if out["importance"] is None else _numpy(out["importance"]),
         "labels": labels,
         "predicted_patches": predicted,
         "tokens": _compose(labels, original, GREY, THROWN_FILL, p, grid),

@@ -6,6 +6,7 @@ import pytest
 
 from keras_mfm import backbones, masking, methods
 from keras_mfm.models.mae import MAE, patchify, unpatchify
+from keras_mfm.models.token_masking import masking_of_selection
 from tests.conftest import smooth_images, to_numpy, value_and_grad
 
 
@@ -46,7 +47,7 @@ def test_loss_is_mse_on_masked_patches_only():
     model = tiny_mae(mask_ratio=0.5, throw_ratio=0.25)
     images = smooth_images(2, 16)
     selection = model.select(images)
-    prediction = to_numpy(model.reconstruct(images, selection))
+    prediction = to_numpy(model.predict_masked(images, masking_of_selection(selection)))
     target = (images - np.array(model.encoder.mean)) / np.array(model.encoder.std)
     target = to_numpy(patchify(target.astype("float32"), 4))
     masked = to_numpy(selection.masked)
@@ -80,7 +81,8 @@ def test_thrown_patches_change_neither_loss_nor_gradients():
         perturbed[0, row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] = np.random.default_rng(int(index)).random((4, 4, 3))
 
     def loss_of(x):
-        return model.reconstruction_loss(x, model.reconstruct(x, selection), selection.masked)
+        return model.reconstruction_loss(x, model.predict_masked(x, masking_of_selection(selection)),
+                                         selection.masked)
 
     value, grad = value_and_grad(loss_of, images)
     value_p, grad_p = value_and_grad(loss_of, perturbed)

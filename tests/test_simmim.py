@@ -55,19 +55,19 @@ def test_masked_patches_reach_the_encoder_only_as_mask_tokens():
         for index in to_numpy(masking.masked)[b]:
             rows, cols = patch_slice(index)
             scrambled[b, rows, cols] = np.random.default_rng(int(index)).random((4, 4, 3))
-    np.testing.assert_allclose(to_numpy(model.reconstruct(images, masking)),
-                               to_numpy(model.reconstruct(scrambled, masking)), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model.predict_masked(images, masking)),
+                               to_numpy(model.predict_masked(scrambled, masking)), atol=1e-5)
     # ... and without the mask token the same pixels do change the prediction
     unmasked = masking._replace(patch_mask=np.zeros_like(to_numpy(masking.patch_mask)))
-    assert not np.allclose(to_numpy(model.reconstruct(images, unmasked)),
-                           to_numpy(model.reconstruct(scrambled, unmasked)), atol=1e-3)
+    assert not np.allclose(to_numpy(model.predict_masked(images, unmasked)),
+                           to_numpy(model.predict_masked(scrambled, unmasked)), atol=1e-3)
 
 
 def test_loss_is_l1_on_masked_pixels_only():
     model = tiny_simmim()
     images = smooth_images(2, 16)
     masking = model.draw(images)
-    prediction = to_numpy(model.reconstruct(images, masking))
+    prediction = to_numpy(model.predict_masked(images, masking))
     target = ((images - np.array(model.encoder.mean)) / np.array(model.encoder.std)).astype("float32")
     target = to_numpy(patchify(target, 4))
     masked = to_numpy(masking.masked)
@@ -127,7 +127,7 @@ def test_famt_thrown_patches_change_neither_loss_nor_gradients():
         perturbed[0, rows, cols] = np.random.default_rng(int(index)).random((4, 4, 3))
 
     def loss_of(x):
-        return model.reconstruction_loss(x, model.reconstruct(x, masking), masking.masked)
+        return model.reconstruction_loss(x, model.predict_masked(x, masking), masking.masked)
 
     value, grad = value_and_grad(loss_of, images)
     value_p, _ = value_and_grad(loss_of, perturbed)

@@ -123,7 +123,7 @@ def test_a_perfect_prediction_reconstructs_the_image(method, options, monkeypatc
     def perfect(images, draw, training=None):
         return ops.take_along_axis(target(images), ops.cast(draw.masked, "int32")[:, :, None], axis=1)
 
-    monkeypatch.setattr(model, "reconstruct", perfect)
+    monkeypatch.setattr(model, "predict_masked", perfect)
     views = visualize.token_reconstruction(model, images)
     labels = views["labels"]
     assert views["importance"] is None and not np.any(labels == THROWN)
@@ -154,6 +154,27 @@ def test_famt_views_follow_the_importance_of_these_images():
         visualize.token_reconstruction(model, images, importance=weights[:, :8])
     with pytest.raises(ValueError, match="no patches by importance"):
         visualize.token_reconstruction(tiny_model("simmim"), images, importance=weights)
+
+
+@pytest.mark.parametrize("method", ["mfm", "sr", "mae", "famt", "simmim", "simmim_famt"])
+def test_every_pretraining_model_reconstructs_what_a_figure_needs(method):
+    """`model.reconstruct(images)`: the model's own view of its outputs, which the figures only draw."""
+    model, images = tiny_model(method), smooth_images(2, 16)
+    out = {key: None if value is None else to_numpy(value) for key, value in model.reconstruct(images).items()}
+    if method in ("mfm", "sr"):
+        assert set(out) == {"corrupted", "kept_mask", "prediction"}
+        assert out["corrupted"].shape == out["prediction"].shape == (2, 16, 16, 3)
+        assert out["kept_mask"].shape == (2, 16, 16)
+        tokens = model.encoder(out["corrupted"])  # the prediction is the head's, un-normalised
+        head = to_numpy(model.head(model.encoder.feature_map(tokens)))
+        np.testing.assert_allclose(out["prediction"], head * np.array(model.encoder.std) + np.array(model.encoder.mean),
+                                   rtol=1e-5, atol=1e-5)
+        return
+    assert set(out) == {"importance", "labels", "masked", "prediction"}
+    masked = out["masked"]
+    assert out["labels"].shape == (2, 16) and out["prediction"].shape == (2, masked.shape[1], 48)
+    assert np.all(np.take_along_axis(out["labels"], masked, axis=1) == MASKED)
+    assert (out["importance"] is None) == (method in ("mae", "simmim"))
 
 
 def test_frequency_views_of_mfm_and_a_restoration_baseline():

@@ -147,15 +147,23 @@ class MAE(TokenMaskingModel):
         self.build_importance()
         self.built = True
 
-    def reconstruct(self, images, selection, training=None):
-        """Predicted pixels of the masked patches `(B, M, p*p*3)` for a given token selection."""
-        encoded = self.encoder(images, token_indices=selection.visible, training=training)
-        return self.decoder(encoded, selection.visible, selection.masked, training=training)
+    def predict_masked(self, images, masking, training=None):
+        """Predicted pixels of the masked patches `(B, M, p*p*3)` of a `TokenMasking` (the encoder
+        sees `masking.token_indices`, the visible patches; the decoder adds mask tokens)."""
+        encoded = self.encoder(images, token_indices=masking.token_indices, training=training)
+        return self.decoder(encoded, masking.token_indices, masking.masked, training=training)
 
-    def call(self, inputs, training=None):
-        images, importance = self.split_inputs(inputs)
-        selection = self.select(images, importance)
-        return self.reconstruct(images, selection, training=training), selection.masked
+    def prediction_pixels(self, images, prediction, masked):
+        """With `norm_pix_loss` the prediction is per-patch standardised: re-scaled first with the
+        true patches' mean and (unbiased) variance, then un-normalised."""
+        if self.norm_pix_loss:
+            patches = patchify(self.encoder.normalize(images), self.encoder.patch_size)
+            true = ops.take_along_axis(patches, ops.cast(masked, "int32")[:, :, None], axis=1)
+            count = true.shape[-1]
+            variance = ops.var(true, axis=-1, keepdims=True) * (count / (count - 1))
+            prediction = ops.cast(prediction, "float32") * ops.sqrt(variance + 1e-6) + ops.mean(
+                true, axis=-1, keepdims=True)
+        return super().prediction_pixels(images, prediction, masked)
 
     def target(self, images):
         """`(B, N, p*p*3)` reconstruction targets: patches of the normalised image."""

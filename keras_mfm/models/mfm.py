@@ -140,6 +140,17 @@ class MFM(PretrainingModel):
         pred = self.head(self.encoder.feature_map(features))
         return pred, mask
 
+    def reconstruct(self, images):
+        """What the model makes of `images` `(B, H, W, 3)` in [0, 1] (one draw, inference), for figures:
+        `{"corrupted": (B, H, W, 3), "kept_mask": (B, H, W) (1: a kept frequency; the frequencies the
+        loss scores are the others), "prediction": (B, H, W, 3)}` in pixel space (not clipped)."""
+        corrupted, kept_mask = self.corruption(images)
+        features = self.encoder(corrupted, training=False)
+        prediction = ops.cast(self.head(self.encoder.feature_map(features)), "float32")
+        std = ops.convert_to_tensor(self.encoder.std, "float32")
+        mean = ops.convert_to_tensor(self.encoder.mean, "float32")
+        return {"corrupted": corrupted, "kept_mask": kept_mask, "prediction": prediction * std + mean}
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         pred, mask = y_pred
         target = self.encoder.normalize(x)

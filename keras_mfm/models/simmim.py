@@ -17,7 +17,6 @@ FAMT the thrown patches are in neither the encoder sequence nor the loss (SPEC.m
 number of masked patches depends only on the ratios, so each configuration compiles once.
 """
 
-import collections
 import math
 
 import keras
@@ -25,16 +24,16 @@ from keras import ops
 
 from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Dense
-from keras_mfm.masking import MASKED
 from keras_mfm.models.mae import patchify
-from keras_mfm.models.token_masking import TokenMaskingModel
+from keras_mfm.models.token_masking import (TokenMasking, TokenMaskingModel, masking_of_patch_mask,
+                                           masking_of_selection)
 
 #: SimMIM's ratio for ViT (0.6); the FAMT variant uses FAMT's 0.45 / 0.40 (see `methods.DEFAULT_RATIOS`).
 SIMMIM_MASK_RATIO = 0.6
 
 
-#: `patch_mask` `(B, N)` float 1 = masked; `masked` `(B, M)` int32 indices; `token_indices` `(B, K)` or None.
-SimMIMMasking = collections.namedtuple("SimMIMMasking", ["patch_mask", "masked", "token_indices"])
+#: SimMIM's draws are `TokenMasking` records (the same as MAE's); the old name stays as an alias.
+SimMIMMasking = TokenMasking
 
 
 def default_mask_patch_size(encoder):
@@ -125,7 +124,7 @@ class SimMIM(TokenMaskingModel):
         return patch_mask, ops.cast(masked, "int32")
 
     def draw(self, images, importance=None):
-        """The masking of a batch: `SimMIMMasking(patch_mask (B, N), masked (B, M), token_indices)`.
+        """The `TokenMasking` of a batch.
 
         Random masking: whole mask units, every patch goes to the encoder (`token_indices` None).
         With importance (FAMT/AMT): `select_tokens`' masked/thrown/visible patches; the encoder gets
@@ -133,14 +132,18 @@ class SimMIM(TokenMaskingModel):
         """
         if not self.importance:
             patch_mask, masked = self.random_unit_mask(ops.shape(images)[0])
-            return SimMIMMasking(patch_mask, masked, None)
-        selection = self.select(images, importance)
-        patch_mask = ops.cast(ops.equal(selection.labels, MASKED), "float32")
-        token_indices = ops.concatenate([selection.visible, selection.masked], axis=1)
-        return SimMIMMasking(patch_mask, selection.masked, token_indices)
+            return masking_of_patch_mask(patch_mask, masked)
+        return masking_of_selection(self.select(images, importance), encoder_sees_masked=True)
 
-    def reconstruct(self, images, masking, training=None):
-        """Predicted pixels of the masked patches `(B, M, p*p*3)` for a given `SimMIMMasking`."""
+    def reconstruct(self, images, importance=None):
+        if importance is not None and not self.importance:
+            raise ValueError(f"{self.name} masks random units of {self.mask_patch_size} pixels; it draws no "
+                             "patches by importance (build SimMIM with importance='famt' for that).")
+        return super().reconstruct(images, importance)
+
+    def predict_masked(self, images, masking, training=None):
+        """Predicted pixels of the masked patches `(B, M, p*p*3)` of a `TokenMasking` (masked patches
+        enter the encoder as the mask token)."""
         encoded = self.encoder(images, token_indices=masking.token_indices, patch_mask=masking.patch_mask,
                                mask_token=self.mask_token, training=training)
         if masking.token_indices is not None:  # the masked patches are the last M tokens
@@ -148,11 +151,6 @@ class SimMIM(TokenMaskingModel):
         else:
             masked_tokens = ops.take_along_axis(encoded[:, 1:], masking.masked[:, :, None], axis=1)
         return self.head(masked_tokens)
-
-    def call(self, inputs, training=None):
-        images, importance = self.split_inputs(inputs)
-        masking = self.draw(images, importance)
-        return self.reconstruct(images, masking, training=training), masking.masked
 
     # -- loss ----------------------------------------------------------------------------------
     def reconstruction_loss(self, images, prediction, masked):

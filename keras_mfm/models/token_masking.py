@@ -12,15 +12,42 @@ compactly by default (`importance_storage="uint8"`: one logarithmic byte per pat
 per image, `importance.encode_table`), or as float16 or float32.
 """
 
+import collections
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_mfm.distribution import ReplicaSeedGenerator, scale_loss_for_replicas
-from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, check_storage, decode_rows,
-                                  encode_table)
-from keras_mfm.masking import check_weights, follow_augmentation, select_tokens, token_counts
+from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, ImportanceScorer, check_storage,
+                                  decode_rows, encode_table)
+from keras_mfm.masking import MASKED, VISIBLE, check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import PretrainingModel
+
+
+TokenMasking = collections.namedtuple("TokenMasking", ["labels", "masked", "token_indices", "patch_mask"])
+TokenMasking.__doc__ = """The masking of a batch, one record for MAE and SimMIM (int32 unless noted).
+
+`labels` `(B, N)`: `masking.VISIBLE`, `MASKED` or `THROWN` per patch (row-major); `masked` `(B, M)`:
+the masked patches, in the order the model predicts them; `token_indices` `(B, K)`: the patches the
+encoder sees (MAE: the visible ones; SimMIM with FAMT: visible then masked), or None: every patch
+(SimMIM's random masking); `patch_mask` `(B, N)` float32: 1 where a patch is masked.
+"""
+
+
+def masking_of_selection(selection, encoder_sees_masked=False):
+    """The `TokenMasking` of a `masking.TokenSelection`: the encoder sees the visible patches (MAE)
+    or, with `encoder_sees_masked`, the visible then the masked ones (SimMIM's mask tokens)."""
+    tokens = ops.concatenate([selection.visible, selection.masked], axis=1) if encoder_sees_masked \
+        else selection.visible
+    patch_mask = ops.cast(ops.equal(selection.labels, MASKED), "float32")
+    return TokenMasking(selection.labels, selection.masked, tokens, patch_mask)
+
+
+def masking_of_patch_mask(patch_mask, masked):
+    """The `TokenMasking` of a `(B, N)` 0/1 patch mask whose patches all go to the encoder."""
+    labels = ops.where(patch_mask > 0.5, MASKED, VISIBLE)
+    return TokenMasking(ops.cast(labels, "int32"), masked, None, ops.cast(patch_mask, "float32"))
 
 
 def whole_image_inputs(images, index=None):
@@ -172,6 +199,48 @@ class TokenMaskingModel(PretrainingModel):
             if self.importance and not self.importance_ready:
                 mask_ratio, throw_ratio, rule = self.warmup_mask_ratio, 0.0, "mae"
         return select_tokens(importance, mask_ratio, throw_ratio, seed=self.seed_generator, validate=False, rule=rule)
+
+    def draw(self, images, importance=None):
+        """The `TokenMasking` of a batch (`select` by default, the encoder seeing the visible patches)."""
+        return masking_of_selection(self.select(images, importance))
+
+    def predict_masked(self, images, masking, training=None):
+        """Predicted (normalised) pixels `(B, M, p*p*3)` of the masked patches of a `TokenMasking`."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        images, importance = self.split_inputs(inputs)
+        masking = self.draw(images, importance)
+        return self.predict_masked(images, masking, training=training), masking.masked
+
+    def prediction_pixels(self, images, prediction, masked):
+        """`prediction` `(B, M, p*p*3)` (what the loss compares) as pixels in [0, 1] space (not clipped)."""
+        batch, count = ops.shape(prediction)[0], ops.shape(prediction)[1]
+        pixels = ops.reshape(ops.cast(prediction, "float32"), (batch, count, -1, 3))
+        pixels = pixels * ops.convert_to_tensor(self.encoder.std, "float32") + ops.convert_to_tensor(
+            self.encoder.mean, "float32")
+        return ops.reshape(pixels, (batch, count, -1))
+
+    def reconstruct(self, images, importance=None):
+        """What the model makes of `images` `(B, H, W, 3)` in [0, 1] (one draw, inference), for figures:
+
+        `{"importance": (B, N) or None, "labels": (B, N), "masked": (B, M), "prediction":
+        (B, M, p*p*3)}`, the prediction in pixel space (`patchify` layout, not clipped). `importance`:
+        the weights of the draw; None for an AMT/FAMT model: scored on these images
+        (`importance.ImportanceScorer`), so that the masks follow them.
+        """
+        if importance is None and self.importance:
+            importance = ImportanceScorer(self.encoder, self.importance, self.cutoff)(images)
+        if importance is not None:
+            importance = ops.convert_to_tensor(importance, "float32")
+            expected = (int(ops.shape(images)[0]), self.encoder.num_patches)
+            if tuple(ops.shape(importance)) != expected:
+                raise ValueError(f"Expected an importance map of shape {expected} (images, patches), got "
+                                 f"{tuple(ops.shape(importance))}.")
+        masking = self.draw(images, importance)
+        prediction = self.predict_masked(images, masking, training=False)
+        return {"importance": importance, "labels": masking.labels, "masked": masking.masked,
+                "prediction": self.prediction_pixels(images, prediction, masking.masked)}
 
     def check_batch(self, batch, where):
         """Also: an AMT/FAMT model needs each image's index (and crop box and flip) to look up its
