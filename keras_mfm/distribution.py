@@ -24,6 +24,7 @@ import json
 import os
 
 import keras
+import numpy as np
 
 from keras_mfm.optimization import base_optimizer
 
@@ -222,6 +223,89 @@ class ReplicaSeedGenerator(keras.random.SeedGenerator):
 
     def next(self, ordered=True):
         return fold_in_replica(super().next(ordered))
+
+
+class SharedInference:
+    """Calls `model(x)` (inference) on whole batches, each data-parallel device computing only
+    its share; the shares are combined so that every process gets the whole batch's outputs (NumPy).
+
+    Every process passes the same batch. Its rows are padded to a multiple of the devices `P`
+    (the last row repeated), split into `P` contiguous shares, one per device, and the outputs
+    concatenated in device order (the padding dropped), so the result is that of one device on the
+    whole batch, in about `1 / P` of the time:
+
+    | backend | devices | shares run by | combined by |
+    |---|---|---|---|
+    | JAX | `keras.distribution.DataParallel` | `jax.shard_map` over its mesh (each device sees `(B / P, ...)`) | the sharded output; across hosts `process_allgather` |
+    | TensorFlow | the `tf.distribute` strategy of `strategy_of` (a model built in its scope) | `strategy.run`, one share per replica | `strategy.gather` (all replicas and workers) |
+    | one device, PyTorch | - | `model.predict_on_batch` (unchanged) | - |
+
+    Args:
+        model: a Keras model whose call maps a batch to per-row outputs (e.g. `ImportanceScorer`).
+        strategy_of: TensorFlow: a model whose `distribute_strategy` to use (default: `model`'s).
+    """
+
+    def __init__(self, model, strategy_of=None):
+        self.model = model
+        self.backend = keras.backend.backend()
+        self.strategy = None
+        self.mesh = None
+        self.devices = 1
+        if self.backend == "tensorflow":
+            strategy = getattr(strategy_of or model, "distribute_strategy", None)
+            if strategy is not None and strategy.num_replicas_in_sync > 1:
+                self.strategy, self.devices = strategy, strategy.num_replicas_in_sync
+        elif self.backend == "jax":
+            current = keras.distribution.distribution()
+            if isinstance(current, keras.distribution.DataParallel) and current.device_mesh.devices.size > 1:
+                self.mesh, self.axis = current.device_mesh.backend_mesh, current.batch_dim_name
+                self.devices = int(current.device_mesh.devices.size)
+        self._step = None
+        self.share_rows = None  # rows each device computed in the last call (for checks)
+
+    def __call__(self, batch):
+        batch = np.asarray(batch)
+        if self.devices == 1:
+            return np.asarray(self.model.predict_on_batch(batch))
+        rows = len(batch)
+        share = -(-rows // self.devices)
+        padded = np.concatenate([batch, np.repeat(batch[-1:], share * self.devices - rows, axis=0)])
+        self.share_rows = share
+        run = self._jax if self.backend == "jax" else self._tensorflow
+        return run(padded)[:rows]
+
+    def _tensorflow(self, padded):
+        import tensorflow as tf
+
+        strategy, shares = self.strategy, np.split(padded, self.devices)
+        if self._step is None:
+            self._step = tf.function(lambda x: strategy.run(lambda y: self.model(y), args=(x,)))
+        values = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(shares[context.replica_id_in_sync_group]))
+        return np.asarray(strategy.gather(self._step(values), axis=0))
+
+    def _jax(self, padded):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        model, spec = self.model, PartitionSpec(self.axis)
+        if not model.built:  # stateless_call needs a built model (as predict_on_batch builds it)
+            with keras.StatelessScope():
+                model(padded[:1])
+        if self._step is None:
+            def share(trainable, non_trainable, x):
+                return model.stateless_call(trainable, non_trainable, x)[0]
+
+            self._step = jax.jit(jax.shard_map(share, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), spec),
+                                               out_specs=spec))
+        x = jax.make_array_from_callback(padded.shape, NamedSharding(self.mesh, spec), lambda index: padded[index])
+        out = self._step([v.value for v in model.trainable_variables],
+                         [v.value for v in model.non_trainable_variables], x)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return np.asarray(out)
 
 
 def clip_after_all_reduce(optimizer):

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mfm.distribution import SharedInference
 from keras_mfm.masking import amt_importance, check_weights, famt_importance
 from keras_mfm.inputs import progress_bar
 
@@ -27,6 +28,7 @@ DEFAULT_IMPORTANCE_STORAGE = "uint8"
 _LOWEST_RELATIVE = 1e-37
 _TOP_CODE = 255  # uint8: the row's largest weight; 0 = a zero weight
 _FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16, 6.1e-5
+_CHUNK_ROWS = 65536
 
 
 def check_storage(storage):
@@ -62,6 +64,15 @@ def encode_table(table, storage):
     storage = check_storage(storage)
     if storage == "float32":
         return table, None
+    if len(table) > _CHUNK_ROWS:  # in slices of rows: the temporaries stay small for a large table
+        values = np.empty(table.shape, storage)
+        steps = np.empty(len(table), "float32") if storage == "uint8" else None
+        for start in range(0, len(table), _CHUNK_ROWS):
+            part, part_steps = encode_table(table[start:start + _CHUNK_ROWS], storage)
+            values[start:start + len(part)] = part
+            if steps is not None:
+                steps[start:start + len(part)] = part_steps
+        return values, steps
     row_max = table.max(axis=1, keepdims=True)
     scale = np.where(row_max > 0, row_max, 1.0)
     relative = table / scale
@@ -107,13 +118,16 @@ class ImportanceScorer(keras.Model):
         return famt_importance(attention, keras.ops.cast(tokens[:, 1:], "float32"), self.cutoff)
 
 
-def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0, scorer=None):
+def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0, scorer=None, shared=None):
     """The importance table `(num_images, N)` float32 from `(images, index)` batches.
 
     Rows of images that are not in `dataset` stay 1 (uniform). `scorer`: an `ImportanceScorer` of
-    `encoder` to reuse (its compiled predict function survives between refreshes).
+    `encoder` to reuse (its compiled predict function survives between refreshes). `shared`: a
+    `distribution.SharedInference` of the scorer, so that each data-parallel device scores only its
+    share of every batch (default: the scorer's `predict_on_batch`, one device).
     """
     scorer = scorer or ImportanceScorer(encoder, method, cutoff)
+    predict = shared or scorer.predict_on_batch
     table = np.ones((num_images, encoder.num_patches), "float32")
     progress = progress_bar(dataset, verbose)
     seen = 0
@@ -121,7 +135,7 @@ def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbo
         index = np.asarray(index)
         if index.size and (index.min() < 0 or index.max() >= num_images):
             raise ValueError(f"Image index {int(index.max())} is outside the importance table ({num_images} rows).")
-        table[index] = np.asarray(scorer.predict_on_batch(np.asarray(images)))
+        table[index] = np.asarray(predict(np.asarray(images)))
         seen += len(index)
         if progress:
             progress.add(1)
@@ -175,8 +189,10 @@ class ImportanceRefresh(keras.callbacks.Callback):
         model = self.model
         if getattr(self, "_scorer", None) is None or self._scorer.encoder is not model.encoder:
             self._scorer = ImportanceScorer(model.encoder, model.importance, model.cutoff)
+            # data-parallel: each device scores its share of every batch (one device: predict_on_batch)
+            self.shared = SharedInference(self._scorer, strategy_of=model)
         table = score_images(model.encoder, self.dataset_fn(), model.num_images, model.importance,
-                             model.cutoff, verbose=self.verbose, scorer=self._scorer)
+                             model.cutoff, verbose=self.verbose, scorer=self._scorer, shared=self.shared)
         switching = not model.importance_ready
         model.set_importance(table)
         if switching:  # random -> importance masking changes the step's shapes: compile the new phase

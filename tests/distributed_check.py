@@ -140,6 +140,27 @@ def compact_table_step():
 
 masks_report.update(compact_table_step())
 
+
+def shared_inference():
+    """`SharedInference` of a model that records the batch size each device computes: 7 rows on 2
+    devices are shares of 4 (the last row repeated once), the outputs those of the whole batch."""
+    seen = []
+
+    class Probe(keras.Model):
+        def call(self, x, training=None):
+            seen.append(int(x.shape[0]))
+            return x[:, :2, 0, 0] * 2.0
+
+    with replication.scope():
+        probe = Probe()
+    x = smooth_images(7, SIZE, seed=3)
+    out = distribution.SharedInference(probe)(x)
+    return {"shared_rows_seen": sorted(set(seen)), "shared_error": float(np.max(np.abs(out - 2.0 * x[:, :2, 0, 0]))),
+            "shared_shape": list(out.shape), "refresh_devices": refresh.shared.devices}
+
+
+masks_report.update(shared_inference())
+
 print(json.dumps({
     "replicas": replication.num_replicas, "kind": replication.kind,
     "same_start": same_start, "single_loss": single_loss, "parallel_loss": parallel_loss,

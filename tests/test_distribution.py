@@ -48,6 +48,11 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
     # the default uint8 table: a replicated step gathers from it, its keys within half a step
     assert report["compact_dtype"] == "uint8" and np.all(np.isfinite(report["compact_losses"]))
     assert report["compact_key_error_over_half_step"] < 1e-6
+    # the refresh is shared: each of the 2 devices scores its share of every batch (the table is the
+    # scorer's on all images, above); a probe sees shares of 4 rows of a 7-row batch, never all of it
+    assert report["refresh_devices"] == 2
+    assert 4 in report["shared_rows_seen"] and max(report["shared_rows_seen"]) == 4, report["shared_rows_seen"]
+    assert report["shared_shape"] == [7, 2] and report["shared_error"] == 0.0
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute replicas (JAX draws once per global batch)")

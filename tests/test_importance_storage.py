@@ -137,3 +137,15 @@ def test_resuming_on_a_data_set_of_another_size_is_one_clear_error(tmp_path, cap
     assert train.main(["--resume", "--output", output, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "8" in err and "12" in err and "train" in err, err
+
+
+def test_a_large_table_is_encoded_in_slices_as_in_one_piece(monkeypatch):
+    table = lognormal_maps(10, seed=5)
+    whole = imp.encode_table(table, "uint8")
+    monkeypatch.setattr(imp, "_CHUNK_ROWS", 3)
+    sliced = imp.encode_table(table, "uint8")
+    np.testing.assert_array_equal(sliced[0], whole[0])
+    np.testing.assert_array_equal(sliced[1], whole[1])
+    half = imp.encode_table(table, "float16")[0]
+    monkeypatch.setattr(imp, "_CHUNK_ROWS", 65536)
+    np.testing.assert_array_equal(half, imp.encode_table(table, "float16")[0])
