@@ -17,6 +17,8 @@ import math
 import keras
 from keras import ops
 
+from keras_mfm import backend
+
 
 def scaled_learning_rate(base_lr, batch_size, reference_batch_size=512):
     """Linear scaling rule: `lr = base_lr * batch_size / reference_batch_size`."""
@@ -219,7 +221,7 @@ class AdamW(keras.optimizers.AdamW):
     without the setting resumes with).
 
     On the PyTorch backend the step (global gradient-norm clipping, weight decay, Adam) runs as
-    `torch._foreach_norm` + `torch._fused_adamw_` (`keras_mfm.fused_adamw_torch`) instead of
+    `torch._foreach_norm` + `torch._fused_adamw_` (`keras_mfm.backend.torch.adamw`) instead of
     Keras' ~ten `_foreach` passes. That path is taken when it applies exactly: PyTorch backend
     with the fused kernel, no `clipnorm`/`clipvalue` (only `global_clipnorm`), no `amsgrad`, EMA
     or gradient accumulation. Otherwise this is Keras' AdamW with the epsilon above.
@@ -263,11 +265,11 @@ class AdamW(keras.optimizers.AdamW):
         self.assign_sub(variable, keras.ops.divide(update, denominator))
 
     def _fused_path(self):
-        if keras.backend.backend() != "torch" or self.amsgrad or self.use_ema:
+        if not backend.ON_TORCH or self.amsgrad or self.use_ema:
             return False
         if self.gradient_accumulation_steps or self.clipnorm or self.clipvalue:
             return False
-        from keras_mfm import fused_adamw_torch
+        from keras_mfm.backend.torch import adamw as fused_adamw_torch
 
         return fused_adamw_torch.available()
 
@@ -288,7 +290,7 @@ class AdamW(keras.optimizers.AdamW):
     def _backend_apply_gradients(self, grads, trainable_variables):
         if not self._fused_path():
             return super()._backend_apply_gradients(grads, trainable_variables)
-        from keras_mfm import fused_adamw_torch
+        from keras_mfm.backend.torch import adamw as fused_adamw_torch
 
         grads = [g.detach() for g in grads]
         if self.global_clipnorm:

@@ -45,7 +45,7 @@ def spy(monkeypatch):
     """Records which `fused_torch` functions ran (PyTorch backend only)."""
     calls = []
     if BACKEND == "torch":
-        from keras_mfm.layers import fused_torch
+        from keras_mfm.backend.torch import layers as fused_torch
 
         for name in ("dense", "layer_norm", "conv2d", "batch_norm_training", "batch_norm_inference"):
             original = getattr(fused_torch, name)

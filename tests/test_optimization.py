@@ -127,7 +127,7 @@ def test_adamw_matches_numpy_reference_and_keras_convention(clip, fused, monkeyp
     schedule = optimization.warmup_cosine_schedule(1e-2, 20, 3)
     calls = []
     if BACKEND == "torch":
-        from keras_mfm import fused_adamw_torch
+        from keras_mfm.backend.torch import adamw as fused_adamw_torch
 
         original = fused_adamw_torch.adamw_step
         monkeypatch.setattr(fused_adamw_torch, "adamw_step", lambda *a, **k: calls.append(1) or original(*a, **k))

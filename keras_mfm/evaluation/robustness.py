@@ -16,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_mfm import corruptions as corruption_lib
-from keras_mfm.backend_gradients import input_gradient
+from keras_mfm.backend import input_gradient
 from keras_mfm.evaluation.features import Result
 from keras_mfm.inputs import progress_bar
 

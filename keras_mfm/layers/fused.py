@@ -4,7 +4,7 @@ Same arguments, weights (`(I, O)` and HWIO kernels, biases; gamma, beta, moving 
 variance), config and numbers as `keras.layers.Dense` / `Conv2D` / `BatchNormalization`, so a
 network built from either loads the other's weights on any backend. On TensorFlow and JAX, and on
 PyTorch whenever a case below does not hold, they are exactly Keras' layers. On PyTorch
-(`keras_mfm.layers.fused_torch`):
+(`keras_mfm.backend.torch.layers`):
 
 - `Dense` (not quantised, no LoRA, inputs of the kernel's dtype): `x @ K + b` as one
   `torch.addmm` (Keras adds the bias in a second pass over the output).
@@ -27,9 +27,11 @@ Measured on the ViT and MFM ResNet-50 training steps (`benchmarks/throughput.py`
 import keras
 from keras import ops
 
+from keras_mfm import backend
+
 
 def _torch():
-    return keras.backend.backend() == "torch"
+    return backend.ON_TORCH
 
 
 def _same_dtype(inputs, *weights):
@@ -44,7 +46,7 @@ class Dense(keras.layers.Dense):
     def call(self, inputs, training=None):
         if not _torch() or self.quantization_mode is not None or self.lora_enabled:
             return super().call(inputs, training=training)
-        from keras_mfm.layers import fused_torch
+        from keras_mfm.backend.torch import layers as fused_torch
 
         inputs = ops.convert_to_tensor(inputs)
         kernel = ops.convert_to_tensor(self._kernel)
@@ -71,7 +73,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
             or self.compute_dtype != "float32"
         ):
             return super().call(inputs)
-        from keras_mfm.layers import fused_torch
+        from keras_mfm.backend.torch import layers as fused_torch
 
         gamma = ops.convert_to_tensor(self.gamma) if self.gamma is not None else None
         beta = ops.convert_to_tensor(self.beta) if self.beta is not None else None
@@ -95,7 +97,7 @@ class Conv2D(keras.layers.Conv2D):
     def call(self, inputs):
         if not self._torch_fast_path(inputs):
             return super().call(inputs)
-        from keras_mfm.layers import fused_torch
+        from keras_mfm.backend.torch import layers as fused_torch
 
         inputs = ops.convert_to_tensor(inputs)
         kernel = ops.convert_to_tensor(self.kernel)
@@ -127,7 +129,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._torch_fast_path(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
-        from keras_mfm.layers import fused_torch
+        from keras_mfm.backend.torch import layers as fused_torch
 
         inputs = ops.convert_to_tensor(inputs)
         gamma = ops.convert_to_tensor(self.gamma) if self.scale else None

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_mfm import backend
 from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Dense, LayerNormalization
 
@@ -30,7 +31,7 @@ def call_sublayer(parent, layer, *args, **kwargs):
 
 def _fused_attention_pays(x):
     """False on the PyTorch backend with `x` on a CPU, where the explicit attention is faster."""
-    if keras.backend.backend() != "torch":
+    if not backend.ON_TORCH:
         return True
     return getattr(getattr(x, "device", None), "type", "cpu") != "cpu"
 
@@ -75,9 +76,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, x, return_attention=False):
-        if keras.backend.backend() == "torch" and (return_attention or not _fused_attention_pays(x)):
+        if backend.ON_TORCH and (return_attention or not _fused_attention_pays(x)):
             # the explicit path below, as PyTorch calls (`fused_torch.self_attention`)
-            from keras_mfm.layers import fused_torch
+            from keras_mfm.backend.torch import layers as fused_torch
 
             out, attention = fused_torch.self_attention(
                 call_sublayer(self, self.qkv, x), self.num_heads, return_attention
