@@ -223,7 +223,8 @@ def keras_model(name, args):
     import keras
     import numpy as np
 
-    from keras_mfm import backbones, methods, optimization
+    from keras_mfm import backbones, methods
+    from keras_mfm.optimizers import recipes as optimization
     from keras_mfm.models.token_masking import whole_image_inputs
 
     spec = CONFIGS[name]

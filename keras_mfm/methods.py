@@ -36,7 +36,7 @@ class Method:
         importance: keeps an AMT/FAMT importance table (refreshed during training; needs
             `num_images` and the crop geometry of every training image).
         position_embedding: encoder position embedding the method uses (None: the preset's).
-        recipe: name of its authors' optimisation recipe (`optimization.RECIPES`).
+        recipe: name of its authors' optimisation recipe (`optimizers.recipes.RECIPES`).
         init: its authors' ViT weight-init scheme (`keras_mfm.layers.initializers`).
         encoder_options: further ViT settings of its authors' pre-training (SimMIM: layer scale
             0.1, drop path 0.1).

@@ -5,7 +5,7 @@ field from it (`keras_mfm.cli.train`), so a new option is one field here. A defa
 a model or a layer (the frequency loss's exponent, the MAE decoder's width, the noise level of the
 denoising baseline) is read from that class's signature, and a default that depends on the method
 or on its authors' recipe is `None` ("the method's"), with the values listed in the help from the
-registry (`keras_mfm.methods`) and the recipes (`keras_mfm.optimization.RECIPES`).
+registry (`keras_mfm.methods`) and the recipes (`keras_mfm.optimizers.recipes.RECIPES`).
 
 A field's metadata (`setting`): `help`; `group` (a key of `GROUPS`); optionally `flag` (another
 flag name, or a dict `{flag: value}` of switches that set the field), `nargs`, `choices`, `type`
@@ -14,7 +14,8 @@ flag name, or a dict `{flag: value}` of switches that set the field), `nargs`, `
 
 import dataclasses
 
-from keras_mfm import methods, optimization
+from keras_mfm import methods
+from keras_mfm.optimizers import recipes
 from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling
 from keras_mfm.models.mae import MAE
@@ -52,7 +53,7 @@ def _per_method(position):
 
 def _per_recipe(read):
     """"mfm X, mae Y, simmim Z" of `read(recipe)` over the authors' recipes."""
-    return ", ".join(f"{name} {read(recipe)}" for name, recipe in optimization.RECIPES.items())
+    return ", ".join(f"{name} {read(recipe)}" for name, recipe in recipes.RECIPES.items())
 
 
 @dataclasses.dataclass
@@ -168,7 +169,7 @@ class PretrainConfig:
     steps_per_epoch: int = setting(None, "steps per epoch (default: one pass over the training split)",
                                    "optimisation")
     batch_size: int = setting(128, "global batch size", "optimisation")
-    recipe: str = setting(None, f"optimisation recipe: {', '.join(optimization.RECIPES)} (default: the method's "
+    recipe: str = setting(None, f"optimisation recipe: {', '.join(recipes.RECIPES)} (default: the method's "
                                 "authors', e.g. mae for famt)", "optimisation")
     init: str = setting(None, f"ViT weight-init scheme: {', '.join(INIT_SCHEMES)} (default: the method's authors')",
                         "optimisation")

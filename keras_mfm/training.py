@@ -23,7 +23,8 @@ import warnings
 import keras
 import numpy as np
 
-from keras_mfm import backbones, data, distribution, inputs, methods, optimization
+from keras_mfm import backbones, data, distribution, inputs, methods
+from keras_mfm.optimizers import recipes
 from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.settings import PretrainConfig  # noqa: F401 - the run's settings, re-exported
 from keras_mfm.checkpoints import (  # noqa: F401 - re-exported: the run's file helpers
@@ -63,11 +64,11 @@ def build_encoder(config):
 
 
 def recipe_of(config):
-    """The `optimization.Recipe` of `config`: the method's authors' recipe (or `config.recipe`),
+    """The `recipes.Recipe` of `config`: the method's authors' recipe (or `config.recipe`),
     with the settings `config` gives (`min_lr` is absolute there, per reference batch in a recipe)."""
-    recipe = optimization.get_recipe(config.recipe or methods.get_method(config.method).recipe)
+    recipe = recipes.get_recipe(config.recipe or methods.get_method(config.method).recipe)
     min_lr = None if config.min_lr is None else config.min_lr * recipe.reference_batch_size / config.batch_size
-    return optimization.get_recipe(
+    return recipes.get_recipe(
         recipe.name, base_lr=config.base_lr, lr=config.lr, min_lr=min_lr, weight_decay=config.weight_decay,
         clip_norm=config.clip_norm,
     )
@@ -122,9 +123,9 @@ def validate(config):
         raise ValueError(f"--gamma must be > 0 (the exponent of the frequency distance; 1: the plain frequency "
                          f"loss), got {config.gamma}.")
     methods.get_method(config.method)  # ValueError naming the registered methods
-    if config.recipe is not None and config.recipe not in optimization.RECIPES:
+    if config.recipe is not None and config.recipe not in recipes.RECIPES:
         raise ValueError(f"Unknown --recipe {config.recipe!r}; choose one of "
-                         f"{', '.join(sorted(optimization.RECIPES))}.")
+                         f"{', '.join(sorted(recipes.RECIPES))}.")
     if config.init is not None and config.init not in INIT_SCHEMES:
         raise ValueError(f"Unknown --init {config.init!r}; choose one of {', '.join(INIT_SCHEMES)}.")
     if config.precision not in PRECISIONS:
@@ -206,7 +207,7 @@ def _learning_rate_record(optimizer):
     """The learning rate as configured, for config.json: the schedule's serialised config (class
     and arguments: peak, warm-up, decay steps) or the constant (`optimizer.learning_rate` is only
     the current value)."""
-    value = optimization.base_optimizer(optimizer).get_config()["learning_rate"]
+    value = recipes.base_optimizer(optimizer).get_config()["learning_rate"]
     return value if isinstance(value, (dict, int, float)) else float(keras.ops.convert_to_numpy(value))
 
 
@@ -343,7 +344,7 @@ def _new_model(config, num_images, steps, total_steps):
     model = build_model(config, num_images=num_images)
     recipe = recipe_of(config)
     warmup_epochs = config.epochs * recipe.warmup_fraction if config.warmup_epochs is None else config.warmup_epochs
-    optimizer = optimization.build_optimizer(
+    optimizer = recipes.build_optimizer(
         model, recipe, config.batch_size, total_steps, warmup_steps=int(round(warmup_epochs * steps))
     )
     # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer (dynamic loss scaling).
@@ -376,7 +377,7 @@ def _train(config, source, resume, replication, extra_callbacks=()):
         if hasattr(model, "check_num_images"):  # AMT/FAMT: one importance map per training image
             model.check_num_images(train_split.num_examples)
         check_checkpoint_matches(checkpoint, state.get("run"), run_record(config, train_split.num_examples))
-        optimization.exclude_from_weight_decay(model, model.optimizer, recipe_of(config).no_decay_names)
+        recipes.exclude_from_weight_decay(model, model.optimizer, recipe_of(config).no_decay_names)
         initial_epoch, initial_step = int(state["epochs_done"]), int(state["steps_done"])
         if initial_step:
             progress = EpochProgress(initial_epoch, initial_step, state["epoch_loss"])

@@ -27,7 +27,7 @@ from keras_mfm.layers.frequency_masking import FrequencyMasking
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling, GaussianBlur
 from keras_mfm.masking import MASKED, THROWN, VISIBLE, select_tokens
 from keras_mfm.models import MFM, TokenMaskingModel
-from keras_mfm.models.mae import patchify, unpatchify
+from keras_mfm.layers.patches import patchify, unpatchify
 
 GREY = 0.5  # fill colour of a masked patch
 THROWN_FILL = 0.0  # fill colour of a thrown patch (black)
@@ -189,12 +189,12 @@ def _check_images(model, images):
 
 
 def patchify_numpy(images, patch_size):
-    """`models.mae.patchify` as a NumPy array: `(B, H, W, C) -> (B, N, p * p * C)`, row-major patches."""
+    """`layers.patches.patchify` as a NumPy array: `(B, H, W, C) -> (B, N, p * p * C)`, row-major patches."""
     return _numpy(patchify(np.asarray(images, dtype="float32"), patch_size))
 
 
 def unpatchify_numpy(patches, patch_size, grid_size, channels=3):
-    """`models.mae.unpatchify` as a NumPy array: `(B, N, p * p * C) -> (B, H, W, C)`."""
+    """`layers.patches.unpatchify` as a NumPy array: `(B, N, p * p * C) -> (B, H, W, C)`."""
     return _numpy(unpatchify(np.asarray(patches, dtype="float32"), patch_size, grid_size, channels))
 
 

@@ -35,7 +35,7 @@ def _methods_epilog(argv):
     from keras_mfm.methods import available_methods
 
     from keras_mfm.methods import get_method
-    from keras_mfm.optimization import RECIPES
+    from keras_mfm.optimizers.recipes import RECIPES
 
     lines = [f"  {name:<12} {description} [recipe {get_method(name).recipe}, init {get_method(name).init}]"
              for name, description in available_methods().items()]

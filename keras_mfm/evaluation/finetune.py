@@ -19,8 +19,8 @@ from keras import ops
 from keras_mfm.backbones.wrapped import as_encoder
 from keras_mfm.evaluation.features import Result, load_evaluation_data, predict_logits, top1
 from keras_mfm.models.classifier import ImageClassifier
-from keras_mfm.optimization import no_weight_decay_variables, warmup_cosine_schedule
-from keras_mfm.optimizers import LayerDecayAdamW, layer_decay_scales
+from keras_mfm.optimizers.layer_decay import LayerDecayAdamW, layer_decay_scales
+from keras_mfm.optimizers.recipes import no_weight_decay_variables, warmup_cosine_schedule
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")

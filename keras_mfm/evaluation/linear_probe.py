@@ -28,8 +28,8 @@ from keras_mfm.evaluation.features import (
     top1,
 )
 from keras_mfm.models.classifier import ImageClassifier
-from keras_mfm.optimization import warmup_cosine_schedule
-from keras_mfm.optimizers import LARS
+from keras_mfm.optimizers.lars import LARS
+from keras_mfm.optimizers.recipes import warmup_cosine_schedule
 
 
 def check_labels(labels, num_classes, what):

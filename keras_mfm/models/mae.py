@@ -20,27 +20,10 @@ import keras
 from keras import ops
 
 from keras_mfm.layers.fused import Dense, LayerNormalization
+from keras_mfm.layers.patches import patchify, unpatchify  # noqa: F401 - also importable from here
 from keras_mfm.layers.position_embedding import sincos_2d
 from keras_mfm.layers.transformer import TransformerBlock, call_sublayer
 from keras_mfm.models.token_masking import TokenMaskingModel
-
-
-def patchify(images, patch_size):
-    """`(B, H, W, C) -> (B, N, p * p * C)`, patches row-major, pixels `(row, col, channel)` inside."""
-    batch, height, width, channels = ops.shape(images)
-    p = patch_size
-    x = ops.reshape(images, (batch, height // p, p, width // p, p, channels))
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-    return ops.reshape(x, (batch, (height // p) * (width // p), p * p * channels))
-
-
-def unpatchify(patches, patch_size, grid_size, channels=3):
-    """Inverse of `patchify`: `(B, N, p * p * C) -> (B, H, W, C)`."""
-    batch = ops.shape(patches)[0]
-    (rows, cols), p = grid_size, patch_size
-    x = ops.reshape(patches, (batch, rows, cols, p, p, channels))
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-    return ops.reshape(x, (batch, rows * p, cols * p, channels))
 
 
 @keras.saving.register_keras_serializable(package="keras_mfm")

@@ -24,7 +24,7 @@ from keras import ops
 
 from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Dense
-from keras_mfm.models.mae import patchify
+from keras_mfm.layers.patches import patchify
 from keras_mfm.models.token_masking import (TokenMasking, TokenMaskingModel, masking_of_patch_mask,
                                            masking_of_selection)
 

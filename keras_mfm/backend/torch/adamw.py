@@ -1,5 +1,5 @@
 """PyTorch-specific: the recipe's AdamW step (global-norm clipping, decoupled weight decay, Adam)
-as two passes over the parameters, for `optimization.AdamW` on the torch backend.
+as two passes over the parameters, for `optimizers.recipes.AdamW` on the torch backend.
 
 Keras' own torch AdamW runs about ten `torch._foreach_*` passes with temporaries, plus a
 `keras.ops` global norm; on the 7.2M-parameter MAE of the throughput benchmark that is ~70 ms of a
