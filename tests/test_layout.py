@@ -25,3 +25,11 @@ def test_moved_names_import_from_their_old_homes():
     from keras_mfm.optimizers import LARS, LayerDecayAdamW, layer_decay_scales  # noqa: F401
 
     assert old_gradient is input_gradient and old_patchify is patchify and SimMIMMasking is TokenMasking
+
+
+def test_masking_names_are_importable_from_the_package():
+    from keras_mfm import masking
+    from keras_mfm.masking import geometry, scores, selection
+
+    assert masking.select_tokens is selection.select_tokens and masking.famt_importance is scores.famt_importance
+    assert masking.follow_augmentation is geometry.follow_augmentation
