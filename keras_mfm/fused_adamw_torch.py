@@ -1,4 +1,5 @@
-"""Moved to `keras_mfm.backend.torch.adamw` (backend-specific code lives in `keras_mfm.backend`); this name stays an alias."""
+"""Moved to `keras_mfm.backend.torch.adamw` (backend-specific code lives in `keras_mfm.backend`);
+this name stays an alias."""
 
 import importlib
 import sys
