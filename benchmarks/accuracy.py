@@ -26,7 +26,9 @@ probe head on the flattened 3,072 pixels. Curves: k-NN ([CLS] and mean) of encod
 
 State lives outside the work tree, under `--state` (default `$KERAS_MFM_CACHE/accuracy/<budget key>`):
 one folder per row (its run with checkpoints, snapshots, CPU ledger, evaluation parts). Every part is
-resumable: a killed row continues from its last checkpoint, and finished parts are not redone. Each
+resumable: a killed row continues from its last checkpoint, and finished parts are not redone. The
+study runs from a copy of the library in the state folder (`code/<digest of the sources>`), so that
+editing the work tree during the hours it runs cannot reach it. Each
 finished row is written as `--results/<row>.json` (default `docs/results/cifar10/`); the table
 (`table.md` in the state folder, printed) lists finished rows and names the pending ones.
 
@@ -612,5 +614,53 @@ def main(argv=None):
     return results
 
 
+SNAPSHOT_ENV = "KERAS_MFM_STUDY_SNAPSHOT"
+
+
+def snapshot_code(state, repo=REPO):
+    """A copy of the library and of this script under `state/code/<digest of their sources>/`
+    (made once per version); returns the script's path there."""
+    import shutil
+
+    sources = [os.path.join(repo, "benchmarks", "accuracy.py")]
+    for parent, folders, names in os.walk(os.path.join(repo, "keras_mfm")):
+        folders[:] = sorted(f for f in folders if f != "__pycache__")
+        sources += [os.path.join(parent, name) for name in sorted(names) if name.endswith(".py")]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(os.path.relpath(path, repo).encode() + b"\0")
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    target = os.path.join(state, "code", digest.hexdigest()[:12])
+    script = os.path.join(target, "benchmarks", "accuracy.py")
+    if not os.path.isfile(script):
+        temporary = target + ".tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        for path in sources:
+            copy = os.path.join(temporary, os.path.relpath(path, repo))
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copy2(path, copy)
+        os.replace(temporary, target)
+    return script
+
+
+def run_from_snapshot(argv):
+    """Runs the study from `snapshot_code`'s copy, so that editing the work tree during a run of
+    hours cannot reach it: TensorFlow's autograph reads a function's source from its file each time
+    it traces it (every epoch's pipeline, each refresh), and a file edited meanwhile gives it the
+    wrong source. The paths that default to the work tree (data, results, state) are passed on."""
+    if os.environ.get(SNAPSHOT_ENV):
+        return main(argv)
+    args = parse_args(argv)
+    from keras_mfm import data
+
+    state = os.path.expanduser(args.state or os.path.join(data.cache_dir(), "accuracy", budget_key(args)))
+    script = snapshot_code(state)
+    print(f"running from a copy of the library: {os.path.dirname(os.path.dirname(script))}", flush=True)
+    passed = [*argv, "--data", args.data, "--results", args.results, "--state", state]
+    os.execve(sys.executable, [sys.executable, script, *passed],
+              dict(os.environ, **{SNAPSHOT_ENV: "1"}))
+
+
 if __name__ == "__main__":
-    main()
+    run_from_snapshot(sys.argv[1:])

@@ -167,3 +167,15 @@ def test_tiny_study_writes_rows_curves_json_and_resumes(tmp_path, bench, capsys)
     again = bench.main(argv)
     assert again["mfm"]["finetune"] == results["mfm"]["finetune"]
     assert os.path.getmtime(os.path.join(state, "mfm", "frozen_cls.json")) == before
+
+
+def test_the_study_runs_from_a_copy_of_the_library_that_edits_cannot_reach(tmp_path, bench):
+    """Autograph reads a traced function's source from its file: a run of hours must not see edits."""
+    script = bench.snapshot_code(str(tmp_path / "state"))
+    copy = os.path.dirname(os.path.dirname(script))
+    assert os.path.isfile(script) and os.path.isfile(os.path.join(copy, "keras_mfm", "masking", "selection.py"))
+    with open(os.path.join(REPO, "keras_mfm", "frequency.py")) as a, \
+            open(os.path.join(copy, "keras_mfm", "frequency.py")) as b:
+        assert a.read() == b.read()
+    assert bench.snapshot_code(str(tmp_path / "state")) == script  # one copy per version of the sources
+    assert os.listdir(tmp_path / "state" / "code") == [os.path.basename(copy)]
