@@ -26,7 +26,8 @@ import os
 import keras
 import numpy as np
 
-from keras_mfm.optimization import base_optimizer
+from keras_mfm.backend import ReplicaSeedGenerator, fold_in_replica, scale_loss_for_replicas  # noqa: F401
+from keras_mfm.optimizers.recipes import AdamW, base_optimizer
 
 
 class DistributionError(ValueError):
@@ -173,58 +174,6 @@ def _setup_tensorflow(devices, cpu_devices):
     return Replication(kind, strategy.num_replicas_in_sync, names, workers, process_index, strategy)
 
 
-def scale_loss_for_replicas(loss):
-    """`loss / replicas` inside a `tf.distribute` replica (whose gradients are then summed), else `loss`.
-
-    Keras' own `Loss` objects do this; the methods' `compute_loss` return their own loss, so they
-    call this instead. JAX's `DataParallel` computes the global mean directly and needs nothing.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return loss
-    import tensorflow as tf
-
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1 or tf.distribute.in_cross_replica_context():
-        return loss
-    return loss / keras.ops.cast(replicas, loss.dtype)
-
-
-def fold_in_replica(seed):
-    """A random-op seed (shape `(2,)`, Keras' seed dtype) made distinct for each `tf.distribute` replica.
-
-    Under `tf.distribute` every replica runs the step with its own copy of each `SeedGenerator`
-    state, all equal, so without this each replica would draw the same random numbers for its
-    share of the global batch (the same mask pattern on different images). Inside a replica of a
-    strategy with several replicas the replica id is folded in (`tf.random.fold_in`, a hash of seed
-    and id); everywhere else (one device, the cross-replica context, JAX, whose `DataParallel` step
-    draws once for the whole global batch, PyTorch) the seed is returned unchanged, so those draws
-    stay bit-identical. The generator's state advances as before: checkpoints and resumes hold.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return seed
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return seed
-    # fold_in takes int32 seeds under XLA: the same reduction as Keras' own seed cast
-    narrow = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), tf.int32.max - 1), tf.int32)
-    folded = tf.random.fold_in(narrow, tf.cast(context.replica_id_in_sync_group, tf.int32))
-    return tf.cast(folded, seed.dtype)
-
-
-@keras.saving.register_keras_serializable(package="keras_mfm")
-class ReplicaSeedGenerator(keras.random.SeedGenerator):
-    """A `keras.random.SeedGenerator` whose draws differ between `tf.distribute` replicas
-    (`fold_in_replica`); identical to `SeedGenerator` everywhere else (same state, same numbers).
-
-    Pass it as `seed=` to `keras.random` ops as any `SeedGenerator`.
-    """
-
-    def next(self, ordered=True):
-        return fold_in_replica(super().next(ordered))
-
-
 class SharedInference:
     """Calls `model(x)` (inference) on whole batches, each data-parallel device computing only
     its share; the shares are combined so that every process gets the whole batch's outputs (NumPy).
@@ -313,28 +262,23 @@ def clip_after_all_reduce(optimizer):
 
     Keras 3's TensorFlow optimizer clips each replica's gradients (`global_clipnorm`) before it
     all-reduces them, so under `MirroredStrategy` the applied gradient is a sum of separately
-    clipped parts, up to `replicas` times the clip norm (tests/distributed_check.py: without this
-    patch, two replicas' weights ended 0.005 away from one device's after two steps that moved
-    them 0.010; with it, 4e-7). This patches `optimizer` (or the optimizer inside a
-    `LossScaleOptimizer`) to all-reduce first, clip the sum, and skip the later all-reduce. The
-    patch lives on the instance only: checkpoints keep the plain optimizer. No-op elsewhere.
+    clipped parts, up to `replicas` times the clip norm (tests/distributed_check.py: without this,
+    two replicas' weights ended 0.005 away from one device's after two steps that moved them
+    0.010; with it, 4e-7). keras_mfm's `AdamW` (the recipes' optimizer) does it in a subclass
+    override (`clip_summed_gradients`: all-reduce, then clip, then no second all-reduce); this
+    turns that on for `optimizer` (or the AdamW inside a `LossScaleOptimizer`). The setting lives
+    on the instance only: checkpoints keep the plain optimizer. No-op off TensorFlow.
     """
     if keras.backend.backend() != "tensorflow":
         return optimizer
-    import tensorflow as tf
-
     inner = base_optimizer(optimizer)
-    clip = inner._clip_gradients
-
-    def sum_then_clip(grads):
-        context = tf.distribute.get_replica_context()
-        if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, [g for g in grads if g is not None]))
-            grads = [None if g is None else next(summed) for g in grads]
-        return clip(grads)
-
-    inner._clip_gradients = sum_then_clip
-    inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # summed already
+    if not isinstance(inner, AdamW):
+        raise DistributionError(
+            f"Clipping the summed gradient of the replicas needs keras_mfm's AdamW "
+            f"(keras_mfm.optimizers.AdamW), not {type(inner).__name__}: Keras' own optimizers clip each "
+            "replica's share before the all-reduce, and offer no public hook to change that."
+        )
+    inner.clip_summed_gradients = True
     return optimizer
 
 

@@ -16,7 +16,7 @@ encoder's output stride, so `pred` has the input's size. The loss is computed in
 import keras
 from keras import ops
 
-from keras_mfm.distribution import scale_loss_for_replicas
+from keras_mfm.backend import scale_loss_for_replicas
 from keras_mfm.frequency import frequency_loss
 from keras_mfm.layers import initializers
 from keras_mfm.layers.fused import Conv2D

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_mfm.distribution import ReplicaSeedGenerator, scale_loss_for_replicas
+from keras_mfm.backend import ReplicaSeedGenerator, scale_loss_for_replicas
 from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, ImportanceScorer, check_storage,
                                   decode_rows, encode_table)
 from keras_mfm.masking import MASKED, VISIBLE, check_weights, follow_augmentation, select_tokens, token_counts

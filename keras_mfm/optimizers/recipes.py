@@ -235,6 +235,20 @@ class AdamW(keras.optimizers.AdamW):
             raise ValueError("`amsgrad=True` is only supported with `bias_corrected_epsilon=False`.")
         self.bias_corrected_epsilon = bool(bias_corrected_epsilon)
 
+    #: under `tf.distribute`: all-reduce the replicas' gradients, clip their sum, and skip Keras' own
+    #: all-reduce (Keras clips each replica's share first); set by `distribution.clip_after_all_reduce`
+    clip_summed_gradients = False
+
+    def _clip_gradients(self, grads):
+        if self.clip_summed_gradients:
+            grads = backend.sum_over_replicas(grads)
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):  # TensorFlow's optimizer only
+        if self.clip_summed_gradients:
+            return list(grads_and_vars)  # summed already, in _clip_gradients
+        return super()._all_reduce_sum_gradients(grads_and_vars)
+
     def get_config(self):
         config = super().get_config()
         config["bias_corrected_epsilon"] = self.bias_corrected_epsilon

@@ -11,3 +11,18 @@ def input_gradient(fn, x):
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(fn(x), x)
     return gradient
+
+
+def scale_loss_for_replicas(loss):
+    """`loss` unchanged: Keras' torch trainer runs on one device."""
+    return loss
+
+
+def fold_in_replica(seed):
+    """`seed` unchanged (see `scale_loss_for_replicas`)."""
+    return seed
+
+
+def sum_over_replicas(grads):
+    """`grads` unchanged (no per-replica gradients on this backend)."""
+    return grads
