@@ -8,7 +8,7 @@ trained with LARS (momentum 0.9, no weight decay, trust coefficient 0.001), per-
 16,384. LARS scales each layer's step to `lr x 0.001 x ||w||`, so the step size does not depend on
 the batch, and re-scaling the lr down to small batches starves the probe: on CIFAR-10 features
 (10,000 images, batch 256, 3,600 steps) `0.1 x 256 / 256 = 0.1` reached 27 % top-1 where 6.4
-reached 38 % and 20 reached 41 % (docs/measurements.md). `base_lr` restores the scaling rule. The
+reached 38 % and 20 reached 41 % (docs/benchmarks.md). `base_lr` restores the scaling rule. The
 encoder is frozen, so its features are extracted once (no augmentation) and the head is trained on
 the cached arrays, which makes the 90 epochs cheap.
 """
