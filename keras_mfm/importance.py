@@ -3,9 +3,10 @@
 One importance map per training image, scored by the current encoder in inference mode on the
 un-augmented image (resized to the training size, all tokens), from the last block's attention
 (AMT) or attention and patch-token features (FAMT). The table lives in the pre-training model
-(`MAE.importance_table`, compact by default, see `encode_table`; saved with its checkpoints); `ImportanceRefresh` refills it at the start
-of epoch `warmup_epochs` and every `interval` epochs after. Before the first refresh the model
-trains as plain MAE (random masking 0.75).
+(`MAE.importance_table`, compact by default, see `encode_table`; saved with its checkpoints);
+`ImportanceRefresh` refills it at the start of epoch `warmup_epochs` and every `interval` epochs
+after, each data-parallel device scoring its share (`distribution.SharedInference`). Before the
+first refresh the model trains as plain MAE (random masking 0.75).
 """
 
 import time

@@ -31,8 +31,8 @@ BATCH, SIZE, IMAGES = 8, 16, 12
 def mfm():
     keras.utils.set_random_seed(0)
     encoder = backbones.get_backbone("vit_tiny", SIZE, patch_size=4, depth=2, hidden_dim=32, num_heads=2)
-    # tf.distribute gives every replica the same random state, so it draws other masks than one
-    # device would: a deterministic corruption (always low-pass) makes the steps comparable there.
+    # under tf.distribute each replica draws its own masks for its share, not those one device
+    # draws for the batch: a deterministic corruption (always low-pass) makes the steps comparable.
     p_low = 1.0 if keras.backend.backend() == "tensorflow" else 0.5
     model = methods.build_method("mfm", encoder, seed=0, p_low=p_low)
     model.build((None, SIZE, SIZE, 3))
@@ -114,7 +114,17 @@ def replica_masks():
     step = tf.function(lambda x: strategy.run(lambda y: mae.select(y).masked, args=(x,)))
     masks = [np.asarray(m).tolist() for m in strategy.experimental_local_results(step(values))]
     state = np.asarray(keras.ops.convert_to_numpy(mae.seed_generator.state)).tolist()
-    return {"replica_masks": masks, "seed_state_after": state}
+    # the corruption layers of MFM and the restoration baselines draw per replica too
+    from keras_mfm.layers import AdditiveNoise, FrequencyMasking
+
+    with replication.scope():
+        noise, spectrum = AdditiveNoise(0.1, seed=2), FrequencyMasking(radius=2.0, p_low=0.5, seed=2)
+    corrupt = tf.function(lambda x: strategy.run(lambda y: (noise(y)[0], spectrum(y)[1]), args=(x,)))
+    noisy, kept = corrupt(values)
+    noisy, kept = ([np.asarray(t) for t in strategy.experimental_local_results(r)] for r in (noisy, kept))
+    return {"replica_masks": masks, "seed_state_after": state,
+            "replica_noise_equal": bool(np.array_equal(*noisy)),
+            "replica_kept_masks": [[int(np.sum(k[i])) for i in range(len(k))] for k in kept]}
 
 
 masks_report = replica_masks() if TENSORFLOW else {}

@@ -58,7 +58,8 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute replicas (JAX draws once per global batch)")
 def test_tensorflow_replicas_draw_different_masks(distributed_report):
     """The same images on both replicas of one step: each replica draws its own mask pattern, and
-    the generator state advances once, as on one device (so checkpoints and resumes hold)."""
+    the generator state advances once, as on one device (so checkpoints and resumes hold); the
+    corruption layers of MFM and the restoration baselines too."""
     first, second = (np.asarray(m) for m in distributed_report["replica_masks"])
     assert first.shape == second.shape == (4, 12)  # 4 images per replica, 12 of 16 patches masked (MAE 0.75)
     for masks in (first, second):  # valid draws: distinct ascending indices
@@ -66,6 +67,10 @@ def test_tensorflow_replicas_draw_different_masks(distributed_report):
     assert not np.array_equal(first, second)
     assert not any(np.array_equal(a, b) for a in first for b in second)  # no row repeats across replicas
     assert distributed_report["seed_state_after"] == [5, 1]
+    # MFM's spectrum masks (low- or high-pass per image) and the denoising baseline's noise as well
+    assert not distributed_report["replica_noise_equal"]
+    first, second = distributed_report["replica_kept_masks"]
+    assert len(set(first + second)) == 2 and first != second, (first, second)  # both kinds drawn, differently
 
 
 def test_replica_seed_generator_is_a_plain_seed_generator_outside_replicas():

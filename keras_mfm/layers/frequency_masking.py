@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_mfm import frequency
+from keras_mfm.distribution import ReplicaSeedGenerator
 
 
 def _number(value, name):
@@ -89,7 +90,7 @@ class FrequencyMasking(keras.layers.Layer):
         self.seed = seed
         self.outer_radius = outer_radius
         self.radius_range = radius_range
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = ReplicaSeedGenerator(seed)  # distinct draws per tf.distribute replica
         self._low_pass_mask = None
         self._distance = None
 

@@ -48,6 +48,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mfm.distribution import ReplicaSeedGenerator
+
 #: The authors' image size, at which the parameters below are given.
 REFERENCE_IMAGE_SIZE = 224
 #: SR down-sampling factor (dimensionless, the same at every size).
@@ -217,7 +219,7 @@ class GaussianBlur(RestorationCorruption):
         self.sigma = sigma
         self.kernel_sizes = kernel_sizes
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = ReplicaSeedGenerator(seed)  # distinct draws per tf.distribute replica
 
     def effective_parameters(self, image_size):
         """`(sigma, kernel_sizes)` used for images of `image_size` (int or `(H, W)`)."""
@@ -303,7 +305,7 @@ class AdditiveNoise(RestorationCorruption):
         self.sigma = _positive_number(sigma, "sigma")
         self.clip = bool(clip)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = ReplicaSeedGenerator(seed)  # distinct draws per tf.distribute replica
 
     def corrupt(self, images):
         noise = keras.random.normal(ops.shape(images), dtype="float32", seed=self.seed_generator)
