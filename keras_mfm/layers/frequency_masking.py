@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_mfm import frequency
-from keras_mfm.distribution import ReplicaSeedGenerator
+from keras_mfm.backend import ReplicaSeedGenerator
 
 
 def _number(value, name):

@@ -48,7 +48,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_mfm.distribution import ReplicaSeedGenerator
+from keras_mfm.backend import ReplicaSeedGenerator
 
 #: The authors' image size, at which the parameters below are given.
 REFERENCE_IMAGE_SIZE = 224
