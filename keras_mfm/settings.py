@@ -15,6 +15,7 @@ flag name, or a dict `{flag: value}` of switches that set the field), `nargs`, `
 import dataclasses
 
 from keras_mfm import methods
+from keras_mfm.importance import DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_STORAGES
 from keras_mfm.optimizers import recipes
 from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling
@@ -159,6 +160,9 @@ class PretrainConfig:
                                         "10% of --epochs, >= 1)", "tokens")
     refresh_interval: int = setting(None, "amt/famt: epochs between importance refreshes (default: 10% of --epochs, "
                                           ">= 1)", "tokens")
+    importance_storage: str = setting(DEFAULT_IMPORTANCE_STORAGE, "amt/famt/simmim_famt: how the importance "
+                                      "table is kept (uint8: one logarithmic byte per patch, a quarter of float32)",
+                                      "tokens", choices=IMPORTANCE_STORAGES)
     decoder_dim: int = setting(default_of(MAE, "decoder_dim"), "MAE decoder width", "tokens")
     decoder_depth: int = setting(default_of(MAE, "decoder_depth"), "MAE decoder blocks", "tokens")
     decoder_heads: int = setting(default_of(MAE, "decoder_heads"), "MAE decoder heads", "tokens")

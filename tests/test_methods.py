@@ -44,6 +44,18 @@ def test_method_options_come_from_the_config_by_name():
         assert set(methods.get_method(name).options()) - {"num_images"} <= fields, name
 
 
+@pytest.mark.parametrize("method,storage", [("famt", "float16"), ("simmim_famt", "float32"), ("amt", "uint8")])
+def test_the_importance_storage_setting_reaches_the_model(method, storage):
+    config = training.PretrainConfig(method=method, image_size=16, patch_size=4, depth=1, importance_storage=storage,
+                                     decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    model = training.build_model(config, num_images=8)
+    assert model.importance_storage == storage and model.get_config()["importance_storage"] == storage
+    plain = training.build_model(training.PretrainConfig(method="mae", image_size=16, patch_size=4, depth=1,
+                                                         importance_storage="float16", decoder_dim=32,
+                                                         decoder_depth=1, decoder_heads=2))
+    assert plain.importance is None  # no table: the setting does not apply
+
+
 @pytest.mark.parametrize("name", sorted(methods.available_methods()))
 def test_every_method_trains_with_decreasing_loss(name):
     keras.utils.set_random_seed(0)
