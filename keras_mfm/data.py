@@ -219,10 +219,6 @@ def list_image_folder(split_dir, skip_unreadable=False):
             folders[:] = sorted(f for f in folders if not f.startswith(".") and f not in IGNORED_FOLDERS)
             files += [os.path.join(parent, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
         files.sort()
-        if skip_unreadable:
-            undecodable = set(undecodable_images([f for f in files if _unreadable(f) is None]))
-            skipped += sorted(undecodable)
-            files = [f for f in files if f not in undecodable]
         good = []
         for path in files:
             problem = _unreadable(path)
@@ -233,6 +229,10 @@ def list_image_folder(split_dir, skip_unreadable=False):
             else:
                 raise DataError(f"Image file {path} {problem}; remove it, or pass --skip-unreadable "
                                 "(skip_unreadable=True) to leave unreadable files out.")
+        if skip_unreadable:  # the first bytes are right; decode those files once to find the truncated ones
+            undecodable = set(undecodable_images(good))
+            skipped += sorted(undecodable)
+            good = [f for f in good if f not in undecodable]
         if not good:
             raise DataError(f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it or "
                             "add its images.")
