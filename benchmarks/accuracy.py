@@ -299,7 +299,9 @@ def _callbacks(row_dir, total_steps, curves):
     import keras
 
     base, start = cpu_ledger(row_dir), time.process_time()
-    targets = {max(1, int(round(f * total_steps))): f for f in CURVE_FRACTIONS} if curves else {}
+    targets = {}  # step -> the fractions that end there (a short run can put two on one step)
+    for fraction in CURVE_FRACTIONS if curves else ():
+        targets.setdefault(max(1, int(round(fraction * total_steps))), []).append(fraction)
 
     def spent():
         return base + time.process_time() - start
@@ -307,13 +309,13 @@ def _callbacks(row_dir, total_steps, curves):
     class Ledger(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            fraction = targets.get(step)
-            path = os.path.join(row_dir, f"snapshot_{fraction}.keras") if fraction else None
-            if path and not os.path.isfile(path):
-                from keras_mfm.checkpoints import save_atomically
+            for fraction in targets.get(step, ()):
+                path = os.path.join(row_dir, f"snapshot_{fraction}.keras")
+                if not os.path.isfile(path):
+                    from keras_mfm.checkpoints import save_atomically
 
-                save_atomically(self.model.encoder, path)
-                _write_json(path + ".json", {"fraction": fraction, "step": step, "cpu_seconds": spent()})
+                    save_atomically(self.model.encoder, path)
+                    _write_json(path + ".json", {"fraction": fraction, "step": step, "cpu_seconds": spent()})
 
         def on_epoch_end(self, epoch, logs=None):
             _write_json(os.path.join(row_dir, "cpu.json"), {"cpu_seconds": spent(), "epochs": epoch + 1})
@@ -370,10 +372,14 @@ def random_encoder(args):
     return training.build_encoder(config)
 
 
-def _part(row_dir, name, compute):
-    """A row's evaluation part, computed once and kept (`row_dir/name.json`)."""
+def _part(row_dir, name, compute, current=None):
+    """A row's evaluation part, computed once and kept (`row_dir/name.json`). A kept part that
+    `current(value)` rejects is moved aside to `name.superseded.json` and computed again."""
     path = os.path.join(row_dir, f"{name}.json")
     value = _read_json(path)
+    if value is not None and current is not None and not current(value):
+        os.replace(path, os.path.join(row_dir, f"{name}.superseded.json"))
+        value = None
     if value is None:
         start, cpu = time.perf_counter(), time.process_time()
         value = dict(compute())
@@ -390,6 +396,18 @@ def frozen_protocols(args, encoder, data_spec, pooling, protocols=("knn", "linea
         test_images=args.test_images or None, seed=args.seed, probe_epochs=args.probe_epochs, pooling=pooling,
     )
     return {k: v for k, v in dict(result).items() if isinstance(v, (int, float, str, list))}
+
+
+def _seeded_finetune(part):
+    """A fine-tune part made from the seeded augmentation stream (`finetune_on_data(deterministic=True)`:
+    the same batches on every run); one without that record is done again."""
+    return part.get("deterministic") is True
+
+
+def current_result(row, result):
+    """A finished row is kept when its fine-tune is the seeded one (raw pixels have none); else the row
+    is run again, which keeps its pre-training and frozen parts and redoes only the fine-tune."""
+    return result is not None and (row == "pixels" or result.get("finetune_deterministic") is True)
 
 
 def finetune_protocol(args, encoder, data_spec):
@@ -458,11 +476,11 @@ def run_row(args, row, data_spec):
     frozen = {pooling: _part(row_dir, f"frozen_{pooling}",
                              lambda p=pooling: frozen_protocols(args, encoder, data_spec, p))
               for pooling in ("cls", "mean")}
-    tuned = _part(row_dir, "finetune", lambda: finetune_protocol(args, encoder, data_spec))
+    tuned = _part(row_dir, "finetune", lambda: finetune_protocol(args, encoder, data_spec), current=_seeded_finetune)
     result.update(
         knn_cls=frozen["cls"]["knn_top1"], knn_mean=frozen["mean"]["knn_top1"],
         linear_cls=frozen["cls"]["linear_top1"], linear_mean=frozen["mean"]["linear_top1"],
-        finetune=tuned["finetune_top1"], cpu_minutes=cpu / 60, pretrain=info,
+        finetune=tuned["finetune_top1"], cpu_minutes=cpu / 60, pretrain=info, finetune_deterministic=True,
     )
     result["eval_cpu_minutes"] = sum(part["cpu_seconds"] for part in (*frozen.values(), tuned)) / 60
     final = {"knn_cls": result["knn_cls"], "knn_mean": result["knn_mean"]}
@@ -577,11 +595,11 @@ def main(argv=None):
     print(f"state: {args.state}", flush=True)
     for row in rows:
         path = os.path.join(args.state, row, "result.json")
-        if os.path.isfile(path):
+        if current_result(row, _read_json(path)):
             print(f"[{row}] done already: {path}", flush=True)
             continue
         published = published_result(args, row)
-        if published is not None:
+        if current_result(row, published):
             print(f"[{row}] done already, same settings: {os.path.join(args.results, row + '.json')}", flush=True)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _write_json(path, published)
@@ -594,13 +612,14 @@ def main(argv=None):
               f"{_cell(result['linear_cls'])} / {_cell(result['linear_mean'])}, fine-tune {_cell(result['finetune'])}",
               flush=True)
     results = {row: _read_json(os.path.join(args.state, row, "result.json")) for row in rows}
-    pending = [row for row, r in results.items() if r is None]
-    results = {row: r for row, r in results.items() if r is not None}
+    pending = [row for row, r in results.items() if not current_result(row, r)]
+    results = {row: r for row, r in results.items() if current_result(row, r)}
     if args.results:
         os.makedirs(args.results, exist_ok=True)
         for row, r in results.items():
             public = {k: r[k] for k in ("method", "budget", "cpu_minutes", "knn_cls", "knn_mean", "linear_cls",
                                         "linear_mean", "finetune", "curve", "backend")}
+            public["finetune_deterministic"] = r.get("finetune_deterministic")
             public["refresh_minutes"] = r.get("refresh_minutes")
             public["eval_cpu_minutes"] = r.get("eval_cpu_minutes")
             public["settings"] = r.get("settings")

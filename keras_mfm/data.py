@@ -553,6 +553,7 @@ def finetune_dataset(
     crop_scale=(0.08, 1.0),
     repeat=False,
     cache=True,
+    deterministic=True,
 ):
     """Fine-tuning input, the MAE/DeiT recipe built from Keras core augmentation layers.
 
@@ -564,8 +565,10 @@ def finetune_dataset(
     chosen with probability `switch_prob` for CutMix (0 turns either off).
 
     Yields `(images (B, H, W, 3) float32 in [0, 1], labels (B, num_classes) float32)`, full
-    batches only. Crops, flips and order are deterministic given `seed`; the Keras augmentation
-    layers draw from stateful generators inside a parallel map, so they are not bit-reproducible.
+    batches only, the same stream for the same `seed`. The Keras augmentation layers draw from
+    stateful generators, so with `deterministic` (default) they run in one sequential map and every
+    draw lands on the same images each time; `deterministic=False` runs them in a parallel map,
+    faster with many cores but a different stream on every run (crops, flips and order stay fixed).
     """
     import keras
 
@@ -597,26 +600,29 @@ def finetune_dataset(
 
     # Keras' RandAugment draws its ops once per call (strengths per image): calling it on groups of
     # AUGMENT_GROUP images varies the ops within a batch at a fraction of the per-image cost.
+    parallel = None if deterministic else tf.data.AUTOTUNE
     dataset = (
         dataset.unbatch()
         .batch(AUGMENT_GROUP)
-        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(augment, num_parallel_calls=parallel)
         .unbatch()
         .batch(batch_size, drop_remainder=True)
     )
     mix = keras.layers.MixUp(alpha=mixup, seed=seed + 2) if mixup > 0 else None
     cut = keras.layers.CutMix(factor=cutmix, seed=seed + 3) if cutmix > 0 else None
     if mix or cut:
-        coins = tf.data.Dataset.random(seed=seed + 4, rerandomize_each_iteration=True)
+        # The MixUp-or-CutMix coin comes from a generator that, like the layers', carries on across
+        # epochs: `Dataset.random(rerandomize_each_iteration=True)` depends on how many iterators
+        # were made (Keras' fit makes an extra one), which changed the stream from run to run.
+        coins = tf.random.Generator.from_seed(seed + 4)
 
         def apply(layer, images, labels):
             out = layer({"images": images, "labels": labels}, training=True)
             return tf.cast(out["images"], "float32"), tf.cast(out["labels"], "float32")
 
-        def mix_batch(batch, coin):
-            images, labels = batch
+        def mix_batch(images, labels):
             if mix and cut:
-                use_cutmix = tf.cast(coin % 1_000_000, "float32") / 1e6 < switch_prob
+                use_cutmix = coins.uniform(()) < switch_prob
                 images, labels = tf.cond(
                     use_cutmix, lambda: apply(cut, images, labels), lambda: apply(mix, images, labels)
                 )
@@ -624,7 +630,7 @@ def finetune_dataset(
                 images, labels = apply(mix or cut, images, labels)
             return tf.ensure_shape(images, (batch_size, *size, 3)), tf.ensure_shape(labels, (batch_size, num_classes))
 
-        dataset = tf.data.Dataset.zip((dataset, coins)).map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(mix_batch, num_parallel_calls=parallel)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

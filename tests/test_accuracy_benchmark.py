@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,8 @@ def fake_result(row, knn, linear, cpu_minutes=0.0, refresh=None):
                {"fraction": 1.0, "cpu_minutes": cpu_minutes, "knn_cls": knn, "knn_mean": knn + 1}]}
     if row == "pixels":
         result["knn_mean"] = result["linear_mean"] = None
+    else:
+        result["finetune_deterministic"] = True
     if refresh is not None:
         result["refresh_minutes"] = refresh
     return result
@@ -89,6 +92,25 @@ def test_finished_rows_are_skipped(tmp_path, bench, capsys):
     assert capsys.readouterr().out.count("done already") == 4
     saved = json.load(open(results_dir / "famt.json"))
     assert saved["knn_mean"] == 32.0 and saved["refresh_minutes"] == 2.0 and saved["curve"][-1]["fraction"] == 1.0
+
+
+def test_a_kept_part_that_is_not_current_is_moved_aside_and_redone(tmp_path, bench):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"finetune_top1": 50.0, "deterministic": True}
+
+    (tmp_path / "finetune.json").write_text(json.dumps({"finetune_top1": 40.0}))
+    value = bench._part(str(tmp_path), "finetune", compute, current=bench._seeded_finetune)
+    assert value["finetune_top1"] == 50.0 and calls == [1]
+    assert json.loads((tmp_path / "finetune.superseded.json").read_text()) == {"finetune_top1": 40.0}
+    assert bench._part(str(tmp_path), "finetune", compute, current=bench._seeded_finetune)["finetune_top1"] == 50.0
+    assert calls == [1]  # current now: kept
+    old = fake_result("mae", 30.0, 38.0, 10.0)
+    del old["finetune_deterministic"]
+    assert not bench.current_result("mae", old) and bench.current_result("mae", fake_result("mae", 30.0, 38.0))
+    assert bench.current_result("pixels", fake_result("pixels", 32.0, 35.0)) and not bench.current_result("mae", None)
 
 
 def test_committed_rows_with_the_same_settings_are_not_redone(tmp_path, bench, capsys):
@@ -165,8 +187,20 @@ def test_tiny_study_writes_rows_curves_json_and_resumes(tmp_path, bench, capsys)
     os.remove(os.path.join(state, "mfm", "finetune.json"))
     before = os.path.getmtime(os.path.join(state, "mfm", "frozen_cls.json"))
     again = bench.main(argv)
-    assert again["mfm"]["finetune"] == results["mfm"]["finetune"]
+    assert again["mfm"]["finetune"] == results["mfm"]["finetune"]  # the fine-tune is the same run again
     assert os.path.getmtime(os.path.join(state, "mfm", "frozen_cls.json")) == before
+    # a row whose fine-tune is not the seeded one is re-fine-tuned, with the rest kept
+    for path, key in ((os.path.join(state, "famt", "result.json"), "finetune_deterministic"),
+                      (os.path.join(results_dir, "famt.json"), "finetune_deterministic"),
+                      (os.path.join(state, "famt", "finetune.json"), "deterministic")):
+        kept = json.loads(Path(path).read_text())
+        del kept[key]
+        Path(path).write_text(json.dumps(kept))
+    capsys.readouterr()
+    again = bench.main(argv)
+    assert capsys.readouterr().out.count("done already") == 3
+    assert os.path.isfile(os.path.join(state, "famt", "finetune.superseded.json"))
+    assert again["famt"]["finetune"] == results["famt"]["finetune"] and again["famt"]["finetune_deterministic"]
 
 
 def test_the_study_runs_from_a_copy_of_the_library_that_edits_cannot_reach(tmp_path, bench):

@@ -62,6 +62,19 @@ def copy_encoder(encoder, drop_path_rate=None):
     return copy
 
 
+def _one_iterator(dataset):
+    """An endless `tf.data.Dataset` as one Python generator, so that `fit` reads a single iterator.
+
+    Keras' `fit` first takes a batch from an iterator of its own to build the loss and metrics,
+    then starts another one for training. Augmentation layers draw from stateful generators, so the
+    batches that first iterator produced (its read-ahead depends on timing) would shift every later
+    draw. Any other input is returned as it is."""
+    cardinality = getattr(dataset, "cardinality", None)
+    if cardinality is None or int(cardinality()) != -1:  # tf.data.INFINITE_CARDINALITY
+        return dataset
+    return (batch for batch in dataset)
+
+
 def _static_batch_size(dataset):
     spec = getattr(dataset, "element_spec", None)
     try:
@@ -122,7 +135,7 @@ def finetune(encoder, train_dataset, test_dataset, num_classes, epochs=100, step
     optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(classifier))
     classifier.compile(optimizer=optimizer, loss=SoftTargetCrossEntropy(label_smoothing), jit_compile=jit_compile)
     history = classifier.fit(
-        train_dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
+        _one_iterator(train_dataset), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
         callbacks=[keras.callbacks.TerminateOnNaN()],
     )
     losses = [float(v) for v in history.history.get("loss", [])]
@@ -153,9 +166,11 @@ def finetune(encoder, train_dataset, test_dataset, num_classes, epochs=100, step
 
 
 def finetune_on_data(encoder, source, batch_size=128, train_images=None, test_images=None, seed=0,
-                     rand_augment=9.0, random_erasing=0.25, mixup=0.8, cutmix=1.0, verbose=0, **options):
+                     rand_augment=9.0, random_erasing=0.25, mixup=0.8, cutmix=1.0, deterministic=True, verbose=0,
+                     **options):
     """`finetune` on a data source (spec or `DataSource`): the training split through
-    `data.finetune_dataset` (the augmentation flags), the test split resized; `options` go to
+    `data.finetune_dataset` (the augmentation flags; `deterministic` runs its augmentation in a
+    sequential map, the same stream for the same `seed`), the test split resized; `options` go to
     `finetune` (epochs, base_lr, layer_decay, ...)."""
     from keras_mfm import data
 
@@ -169,10 +184,11 @@ def finetune_on_data(encoder, source, batch_size=128, train_images=None, test_im
     train = data.finetune_dataset(
         splits.train, encoder.image_size, batch_size, splits.num_classes, seed=seed, rand_augment=rand_augment,
         random_erasing=random_erasing, mixup=mixup, cutmix=cutmix, repeat=True,
+        deterministic=deterministic,
     )
     test = data.evaluation_dataset(splits.test, encoder.image_size, batch_size, cache=False)
     result = finetune(encoder, train, test, splits.num_classes, steps_per_epoch=steps_per_epoch,
                       batch_size=batch_size, class_names=splits.class_names, seed=seed, verbose=verbose, **options)
     result.update({"rand_augment": rand_augment, "random_erasing": random_erasing, "mixup": mixup,
-                   "cutmix": cutmix, "train_images": splits.train.num_examples})
+                   "cutmix": cutmix, "deterministic": deterministic, "train_images": splits.train.num_examples})
     return result
