@@ -10,6 +10,7 @@ first refresh the model trains as plain MAE (random masking 0.75).
 """
 
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -42,6 +43,15 @@ def table_bytes(num_images, num_patches, storage):
     """Bytes of an importance table of `num_images` maps of `num_patches` values."""
     per_patch = {"float32": 4, "float16": 2, "uint8": 1}[check_storage(storage)]
     return num_images * num_patches * per_patch + (num_images * 4 if storage == "uint8" else 0)
+
+
+class StoredTable(NamedTuple):
+    """A table in its stored form (`encode_table`): `values (images, N)` in the storage's dtype and
+    `steps (images,)` float32 for "uint8" (else None). `score_images` fills one batch by batch, so a
+    refresh never holds the float32 table; `set_importance` takes it as it is."""
+
+    values: np.ndarray
+    steps: object = None
 
 
 def encode_table(table, storage):
@@ -119,31 +129,42 @@ class ImportanceScorer(keras.Model):
         return famt_importance(attention, keras.ops.cast(tokens[:, 1:], "float32"), self.cutoff)
 
 
-def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0, scorer=None, shared=None):
-    """The importance table `(num_images, N)` float32 from `(images, index)` batches.
+def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbose=0, scorer=None, shared=None,
+                 storage="float32"):
+    """The importance table `(num_images, N)` from `(images, index)` batches.
 
     Rows of images that are not in `dataset` stay 1 (uniform). `scorer`: an `ImportanceScorer` of
     `encoder` to reuse (its compiled predict function survives between refreshes). `shared`: a
     `distribution.SharedInference` of the scorer, so that each data-parallel device scores only its
-    share of every batch (default: the scorer's `predict_on_batch`, one device).
+    share of every batch (default: the scorer's `predict_on_batch`, one device). `storage`:
+    "float32" returns the float32 array; "float16" or "uint8" encode each batch's rows as they come
+    (`encode_table` works row by row, so the result is the same) and return a `StoredTable`, so
+    that no float32 table of every image is ever held (1.0 GB for ImageNet-1K at 196 patches).
     """
+    storage = check_storage(storage)
     scorer = scorer or ImportanceScorer(encoder, method, cutoff)
     predict = shared or scorer.predict_on_batch
-    table = np.ones((num_images, encoder.num_patches), "float32")
+    uniform = np.ones((1, encoder.num_patches), "float32")
+    values, steps = encode_table(uniform, storage)
+    values = np.repeat(values, num_images, axis=0)
+    steps = None if steps is None else np.repeat(steps, num_images)
     progress = progress_bar(dataset, verbose)
     seen = 0
     for images, index in dataset:
         index = np.asarray(index)
         if index.size and (index.min() < 0 or index.max() >= num_images):
             raise ValueError(f"Image index {int(index.max())} is outside the importance table ({num_images} rows).")
-        table[index] = np.asarray(predict(np.asarray(images)))
+        scores = check_weights(np.asarray(predict(np.asarray(images)), "float32"))
+        scores, score_steps = encode_table(scores, storage)
+        values[index] = scores
+        if steps is not None:
+            steps[index] = score_steps
         seen += len(index)
         if progress:
             progress.add(1)
     if seen == 0:
         raise ValueError("No images to score the importance on.")
-    check_weights(table)
-    return table
+    return values if storage == "float32" else StoredTable(values, steps)
 
 
 class ImportanceRefresh(keras.callbacks.Callback):
@@ -193,7 +214,8 @@ class ImportanceRefresh(keras.callbacks.Callback):
             # data-parallel: each device scores its share of every batch (one device: predict_on_batch)
             self.shared = SharedInference(self._scorer, strategy_of=model)
         table = score_images(model.encoder, self.dataset_fn(), model.num_images, model.importance,
-                             model.cutoff, verbose=self.verbose, scorer=self._scorer, shared=self.shared)
+                             model.cutoff, verbose=self.verbose, scorer=self._scorer, shared=self.shared,
+                             storage=model.importance_storage)
         switching = not model.importance_ready
         model.set_importance(table)
         if switching:  # random -> importance masking changes the step's shapes: compile the new phase

@@ -149,3 +149,69 @@ def test_a_large_table_is_encoded_in_slices_as_in_one_piece(monkeypatch):
     half = imp.encode_table(table, "float16")[0]
     monkeypatch.setattr(imp, "_CHUNK_ROWS", 65536)
     np.testing.assert_array_equal(half, imp.encode_table(table, "float16")[0])
+
+
+class FixedScorer:
+    """Stands in for a scorer: the maps of `table` for the batch's rows (the images are ignored)."""
+
+    def __init__(self, table):
+        self.table, self.rows = table, []
+
+    def __call__(self, images):
+        rows, self.rows = self.rows[: len(images)], self.rows[len(images):]
+        return self.table[rows]
+
+
+@pytest.mark.parametrize("storage", ["uint8", "float16"])
+def test_scoring_into_the_stored_form_batch_by_batch_is_the_same_as_encoding_the_float32_table(storage):
+    # 9 images in batches of 4 (the last one short), image 7 never scored (stays uniform)
+    table = lognormal_maps(9)
+    table[1] = 0.0  # an all-zero row
+    order = [0, 3, 5, 1, 2, 4, 6, 8]
+    scorer = FixedScorer(table)
+    scorer.rows = list(order)
+    batches = [(np.zeros((len(order[i:i + 4]), 8, 8, 3), "float32"), np.array(order[i:i + 4]))
+               for i in range(0, len(order), 4)]
+    stored = imp.score_images(tiny_encoder(), batches, 9, shared=scorer, scorer=object(), storage=storage)
+    assert isinstance(stored, imp.StoredTable) and stored.values.dtype == np.dtype(storage)
+    expected = table.copy()
+    expected[7] = 1.0
+    want_values, want_steps = imp.encode_table(expected, storage)
+    np.testing.assert_array_equal(stored.values, want_values)
+    if storage == "uint8":
+        np.testing.assert_array_equal(stored.steps, want_steps)
+    else:
+        assert stored.steps is None
+    # stored as it is: the same variables as setting the float32 table
+    direct, from_stored = model_with(storage, 9), model_with(storage, 9)
+    direct.set_importance(expected)
+    from_stored.set_importance(stored)
+    np.testing.assert_array_equal(to_numpy(from_stored.importance_table), to_numpy(direct.importance_table))
+    np.testing.assert_array_equal(to_numpy(from_stored.importance_maps()), to_numpy(direct.importance_maps()))
+    assert from_stored.importance_ready and float(to_numpy(from_stored.refresh_count)) == 1.0
+    # a stored table of another storage, or size, is one clear error
+    with pytest.raises(ValueError, match="score it with storage='float32'"):
+        model_with("float32", 9).set_importance(stored)
+    with pytest.raises(ValueError, match="for 6 images x 16 patches"):
+        model_with(storage, 6).set_importance(stored)
+
+
+def test_a_refresh_scores_into_the_models_storage(monkeypatch):
+    # the refresh asks score_images for the model's storage, and stores what comes back unchanged
+    model = model_with("uint8", 6)
+    asked = {}
+    real = imp.score_images
+
+    def spy(*args, **kwargs):
+        asked["storage"] = kwargs.get("storage")
+        result = real(*args, **kwargs)
+        asked["type"] = type(result)
+        return result
+
+    monkeypatch.setattr(imp, "score_images", spy)
+    images = np.random.default_rng(0).random((6, 16, 16, 3)).astype("float32")
+    refresh = imp.ImportanceRefresh(lambda: [(images, np.arange(6))], warmup_epochs=1, interval=1)
+    refresh.set_model(model)
+    refresh.on_epoch_begin(1)
+    assert asked == {"storage": "uint8", "type": imp.StoredTable}
+    assert model.importance_ready and str(model.importance_table.dtype) == "uint8"

@@ -20,7 +20,7 @@ from keras import ops
 
 from keras_mfm.backend import ReplicaSeedGenerator, scale_loss_for_replicas
 from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, ImportanceScorer, check_storage,
-                                  decode_rows, encode_table)
+                                  StoredTable, decode_rows, encode_table)
 from keras_mfm.masking import MASKED, VISIBLE, check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import PretrainingModel
 
@@ -128,11 +128,21 @@ class TokenMaskingModel(PretrainingModel):
 
     # -- importance (AMT/FAMT) ---------------------------------------------------------------
     def set_importance(self, table):
-        """Store a freshly scored table `(num_images, N)` and switch to importance masking."""
-        table = np.asarray(ops.convert_to_numpy(table) if not isinstance(table, np.ndarray) else table)
-        self.check_table_shape(table.shape)
-        check_weights(table)
-        values, steps = encode_table(table, self.importance_storage)
+        """Store a freshly scored table `(num_images, N)` and switch to importance masking: float
+        weights, or a `StoredTable` already in this model's storage (`score_images(storage=...)`)."""
+        if isinstance(table, StoredTable):
+            values, steps = table
+            self.check_table_shape(np.shape(values))
+            if str(values.dtype) != self.importance_storage or (steps is None) != (self.importance_step is None):
+                raise ValueError(
+                    f"The stored table is {values.dtype} but this model stores its importance as "
+                    f"{self.importance_storage!r}: score it with storage={self.importance_storage!r}."
+                )
+        else:
+            table = np.asarray(ops.convert_to_numpy(table) if not isinstance(table, np.ndarray) else table)
+            self.check_table_shape(table.shape)
+            check_weights(table)
+            values, steps = encode_table(table, self.importance_storage)
         self.importance_table.assign(values)
         if steps is not None:
             self.importance_step.assign(steps)
