@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""FAMT (mask 0.45, throw 0.40) against MAE (mask 0.75): time per training step and a short run.
+"""FAMT (mask 0.45, throw 0.40) against MAE (mask 0.75): time per step, and total time on the
+authors' refresh schedule.
 
     python benchmarks/famt_vs_mae.py --backend torch
     python benchmarks/famt_vs_mae.py --backend jax --batch-size 128 --steps 20
@@ -8,8 +9,13 @@ Part 1, step time: the same ViT and batch, `model.fit` on fixed random images, t
 phase of FAMT (a filled table), after warm-up steps (compilation excluded).
 Part 2, a short run on real CIFAR-10 images (a seeded subset of the training split): `--epochs`
 epochs of each method with the real pipeline (crops, flips, index/box/flip for FAMT), FAMT
-refreshing its importance table after the first epoch and then every epoch; wall time in all,
-refreshes included. Prints markdown tables.
+refreshing its importance table on the authors' schedule (`training.refresh_schedule`: first
+after 10 % of the epochs, then every 10 %: epochs 1..9 of 10, 40..360 of 400); wall time in all,
+refreshes included.
+Part 3, the total-time ratio FAMT / MAE at other epoch counts, from part 2's measured times per
+epoch and per refresh: `(E * famt_epoch + R(E) * refresh) / (E * mae_epoch)` with R(E) the
+refreshes of that schedule. Every term grows with the number of images alike, so the ratio holds
+for any training-set size. Prints markdown tables.
 """
 
 import argparse
@@ -35,7 +41,8 @@ def parse_args():
     parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                        "cifar10-jpeg.tar.gz"))
     parser.add_argument("--run-images", type=int, default=2048, help="training images of the short run (0: skip)")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the short run")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the short run")
+    parser.add_argument("--project", default="5,10,100,400", help="epoch counts of part 3 (comma-separated)")
     return parser.parse_args()
 
 
@@ -88,16 +95,37 @@ def short_run(method, args):
     full = data.load_split(data.resolve_data(args.data), "train")
     model = build(method, args, num_images=full.num_examples)
     dataset = data.pretraining_dataset(split, args.image_size, args.batch_size, seed=0, with_geometry=method != "mae")
-    callbacks = []
+    callbacks, refreshes = [], []
     if method != "mae":
-        refresh = ImportanceRefresh(lambda: data.indexed_dataset(split, args.image_size, 256), warmup_epochs=1,
-                                    interval=1)
+        warmup, interval = authors_schedule(args.epochs)
+        refresh = ImportanceRefresh(lambda: data.indexed_dataset(split, args.image_size, 256), warmup_epochs=warmup,
+                                    interval=interval)
         callbacks.append(refresh)
     start = time.perf_counter()
     history = model.fit(dataset, epochs=args.epochs, callbacks=callbacks, verbose=0)
     total = time.perf_counter() - start
-    refresh_seconds = sum(t for _, t in refresh.history) if method != "mae" else 0.0
-    return total, refresh_seconds, history.history["loss"][-1]
+    if method != "mae":
+        refreshes = [seconds for _, seconds in refresh.history]
+    return total, refreshes, history.history["loss"][-1]
+
+
+def authors_schedule(epochs):
+    """(warm-up epochs, interval) of the refreshes for a run of `epochs`, as train.py sets them."""
+    from keras_mfm import training
+    from keras_mfm.settings import PretrainConfig
+
+    return training.refresh_schedule(PretrainConfig(method="famt", epochs=epochs))
+
+
+def refresh_count(epochs):
+    """How many refreshes `ImportanceRefresh` makes in `epochs` (at warm-up, warm-up + interval, ...)."""
+    warmup, interval = authors_schedule(epochs)
+    return len(range(warmup, epochs, interval))
+
+
+def projected_ratio(epochs, mae_epoch, famt_epoch, refresh):
+    """FAMT / MAE total time for `epochs` epochs: `(E * famt_epoch + R(E) * refresh) / (E * mae_epoch)`."""
+    return (epochs * famt_epoch + refresh_count(epochs) * refresh) / (epochs * mae_epoch)
 
 
 def main():
@@ -121,14 +149,28 @@ def main():
               f"{args.batch_size / seconds:.0f} |", flush=True)
     print(f"\nFAMT step time / MAE step time: {times['famt'] / times['mae']:.2f}\n")
     if args.run_images:
+        warmup, interval = authors_schedule(args.epochs)
         print(f"Short run: {args.epochs} epochs of {args.run_images} CIFAR-10 images "
-              f"({args.run_images // args.batch_size} steps each); FAMT refreshes at epochs 1..{args.epochs - 1}\n")
-        print("| method | wall time (s) | of which refreshes (s) | last epoch loss |")
-        print("|---|---|---|---|")
+              f"({args.run_images // args.batch_size} steps each); FAMT refreshes at epoch {warmup}, then every "
+              f"{interval} ({refresh_count(args.epochs)} refreshes)\n")
+        print("| method | wall time (s) | of which refreshes (s) | per epoch of training (s) | last epoch loss |")
+        print("|---|---|---|---|---|")
+        runs = {}
         for method in ("mae", "famt"):
             total, refreshes, loss = short_run(method, args)
-            print(f"| {method} | {total:.1f} | {refreshes:.1f} | {loss:.4f} |", flush=True)
-
+            runs[method] = (total, refreshes)
+            print(f"| {method} | {total:.1f} | {sum(refreshes):.1f} | {(total - sum(refreshes)) / args.epochs:.2f} | "
+                  f"{loss:.4f} |", flush=True)
+        (mae_total, _), (famt_total, refreshes) = runs["mae"], runs["famt"]
+        print(f"\nFAMT / MAE total time, refreshes included: {famt_total / mae_total:.2f}\n")
+        mae_epoch = mae_total / args.epochs
+        famt_epoch = (famt_total - sum(refreshes)) / args.epochs
+        refresh = sum(refreshes) / max(1, len(refreshes))
+        print(f"Projected from these times (one refresh = {refresh / mae_epoch:.2f} MAE epochs):\n")
+        print("| epochs | refreshes | FAMT / MAE total time |")
+        print("|---|---|---|")
+        for epochs in (int(e) for e in args.project.split(",")):
+            print(f"| {epochs} | {refresh_count(epochs)} | {projected_ratio(epochs, mae_epoch, famt_epoch, refresh):.2f} |")
 
 if __name__ == "__main__":
     main()
