@@ -170,7 +170,9 @@ def main():
         print("| epochs | refreshes | FAMT / MAE total time |")
         print("|---|---|---|")
         for epochs in (int(e) for e in args.project.split(",")):
-            print(f"| {epochs} | {refresh_count(epochs)} | {projected_ratio(epochs, mae_epoch, famt_epoch, refresh):.2f} |")
+            ratio = projected_ratio(epochs, mae_epoch, famt_epoch, refresh)
+            print(f"| {epochs} | {refresh_count(epochs)} | {ratio:.2f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ def test_the_schedule_is_the_authors_and_the_count_is_the_callbacks(bench, epoch
     # the authors: first refresh at epoch 40 of 400, then every 40 -> 40, 80, ..., 360
     warmup, interval = bench.authors_schedule(epochs)
     assert warmup == first and bench.refresh_count(epochs) == count
-    callback = ImportanceRefresh(lambda: [], warmup, interval)
+    callback = ImportanceRefresh(list, warmup, interval)
     assert sum(callback.due(epoch) for epoch in range(epochs)) == count
 
 

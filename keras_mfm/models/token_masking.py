@@ -19,11 +19,17 @@ import numpy as np
 from keras import ops
 
 from keras_mfm.backend import ReplicaSeedGenerator, scale_loss_for_replicas
-from keras_mfm.importance import (DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_METHODS, ImportanceScorer, check_storage,
-                                  StoredTable, decode_rows, encode_table)
+from keras_mfm.importance import (
+    DEFAULT_IMPORTANCE_STORAGE,
+    IMPORTANCE_METHODS,
+    ImportanceScorer,
+    StoredTable,
+    check_storage,
+    decode_rows,
+    encode_table,
+)
 from keras_mfm.masking import MASKED, VISIBLE, check_weights, follow_augmentation, select_tokens, token_counts
 from keras_mfm.models.base import PretrainingModel
-
 
 TokenMasking = collections.namedtuple("TokenMasking", ["labels", "masked", "token_indices", "patch_mask"])
 TokenMasking.__doc__ = """The masking of a batch, one record for MAE and SimMIM (int32 unless noted).
