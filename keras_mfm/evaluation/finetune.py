@@ -175,6 +175,8 @@ def finetune_on_data(encoder, source, batch_size=128, train_images=None, test_im
     from keras_mfm import data
 
     encoder = as_encoder(encoder)
+    if seed is not None:  # the input's shuffle and crops also depend on TensorFlow's global seed
+        keras.utils.set_random_seed(seed)
     splits = load_evaluation_data(source, train_images, test_images, seed)
     steps_per_epoch = splits.train.num_examples // batch_size
     if steps_per_epoch < 1:
