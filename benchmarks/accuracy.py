@@ -480,7 +480,8 @@ def run_row(args, row, data_spec):
     result.update(
         knn_cls=frozen["cls"]["knn_top1"], knn_mean=frozen["mean"]["knn_top1"],
         linear_cls=frozen["cls"]["linear_top1"], linear_mean=frozen["mean"]["linear_top1"],
-        finetune=tuned["finetune_top1"], cpu_minutes=cpu / 60, pretrain=info, finetune_deterministic=True,
+        finetune=tuned["finetune_top1"], cpu_minutes=cpu / 60, pretrain=info,
+        finetune_deterministic=_seeded_finetune(tuned),
     )
     result["eval_cpu_minutes"] = sum(part["cpu_seconds"] for part in (*frozen.values(), tuned)) / 60
     final = {"knn_cls": result["knn_cls"], "knn_mean": result["knn_mean"]}

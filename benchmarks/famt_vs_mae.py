@@ -118,9 +118,11 @@ def authors_schedule(epochs):
 
 
 def refresh_count(epochs):
-    """How many refreshes `ImportanceRefresh` makes in `epochs` (at warm-up, warm-up + interval, ...)."""
-    warmup, interval = authors_schedule(epochs)
-    return len(range(warmup, epochs, interval))
+    """How many refreshes `ImportanceRefresh` makes in `epochs` on the authors' schedule."""
+    from keras_mfm.importance import ImportanceRefresh
+
+    callback = ImportanceRefresh(lambda: (), *authors_schedule(epochs))
+    return sum(callback.due(epoch) for epoch in range(epochs))
 
 
 def projected_ratio(epochs, mae_epoch, famt_epoch, refresh):

@@ -612,8 +612,8 @@ def finetune_dataset(
     cut = keras.layers.CutMix(factor=cutmix, seed=seed + 3) if cutmix > 0 else None
     if mix or cut:
         # The MixUp-or-CutMix coin comes from a generator that, like the layers', carries on across
-        # epochs: `Dataset.random(rerandomize_each_iteration=True)` depends on how many iterators
-        # were made (Keras' fit makes an extra one), which changed the stream from run to run.
+        # epochs (`Dataset.random(rerandomize_each_iteration=True)` would depend on how many
+        # iterators were made, and Keras' fit makes an extra one).
         coins = tf.random.Generator.from_seed(seed + 4)
 
         def apply(layer, images, labels):
