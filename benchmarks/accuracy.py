@@ -654,13 +654,19 @@ def snapshot_code(state, repo=REPO):
     target = os.path.join(state, "code", digest.hexdigest()[:12])
     script = os.path.join(target, "benchmarks", "accuracy.py")
     if not os.path.isfile(script):
-        temporary = target + ".tmp"
+        # a temporary folder of this process's own: studies started together each copy, one wins
+        temporary = f"{target}.tmp{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
         for path in sources:
             copy = os.path.join(temporary, os.path.relpath(path, repo))
             os.makedirs(os.path.dirname(copy), exist_ok=True)
             shutil.copy2(path, copy)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except OSError:
+            if not os.path.isfile(script):
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)
     return script
 
 

@@ -213,3 +213,20 @@ def test_the_study_runs_from_a_copy_of_the_library_that_edits_cannot_reach(tmp_p
         assert a.read() == b.read()
     assert bench.snapshot_code(str(tmp_path / "state")) == script  # one copy per version of the sources
     assert os.listdir(tmp_path / "state" / "code") == [os.path.basename(copy)]
+
+
+def test_two_studies_started_together_share_one_copy_of_the_library(tmp_path, bench, monkeypatch):
+    """Another process renames its copy into place first: this one keeps that copy and leaves no temporary."""
+    import shutil
+
+    state = str(tmp_path / "state")
+    real_replace = os.replace
+
+    def another_process_wins(source, target):
+        shutil.copytree(source, target)  # the other study's copy, the same sources
+        return real_replace(source, target)  # fails: the target is a folder with files
+
+    monkeypatch.setattr(os, "replace", another_process_wins)
+    script = bench.snapshot_code(state)
+    assert os.path.isfile(script)
+    assert os.listdir(os.path.join(state, "code")) == [os.path.basename(os.path.dirname(os.path.dirname(script)))]
