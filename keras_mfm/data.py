@@ -680,6 +680,49 @@ def _dataset_with_index(dataset):
     return dataset.enumerate().map(view)
 
 
+def with_importance(dataset, model):
+    """Batches of `{"images", "index", "box", "flip", ...}` (a `tf.data.Dataset`, e.g.
+    `pretraining_epoch(..., with_geometry=True)`), each with the stored importance rows of its images
+    from the host table of `model` (`importance_location="host"`): `importance_values` `(B, N)` in
+    the table's storage dtype and `importance_steps` `(B,)` float32.
+
+    The rows are read when a batch is taken from the pipeline (after its prefetching), from the table
+    as it is then, so batches taken after a refresh carry the new maps. A data set iterated across
+    epochs by one iterator (`repeat()` with `steps_per_epoch`) can hand out a few batches made before
+    a refresh: make a fresh pipeline per epoch (as `train.py` does) for the exact schedule.
+    """
+    tf = _tf()
+    table = getattr(model, "host_table", None)
+    if table is None:
+        raise ValueError(
+            "with_importance: the model keeps no importance table on the host; build it with importance='famt' "
+            "(or 'amt') and importance_location='host'."
+        )
+    spec = dataset.element_spec
+    inputs_spec = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(inputs_spec, dict) or "index" not in inputs_spec:
+        raise ValueError(
+            f"with_importance: the batches must be dicts with an image 'index' (data.with_index, or "
+            f"pretraining_dataset(with_geometry=True)); got {spec}."
+        )
+    dtype = tf.as_dtype(table.storage)
+    patches = table.shape[1]
+
+    def look_up(index):
+        current = model.host_table  # the table now, refreshed or loaded meanwhile
+        return current.rows(index)
+
+    def attach(inputs):
+        values, steps = tf.numpy_function(look_up, [inputs["index"]], (dtype, tf.float32), stateful=True)
+        values = tf.ensure_shape(values, (None, patches))
+        steps = tf.ensure_shape(steps, (None,))
+        return {**inputs, "importance_values": values, "importance_steps": steps}
+
+    if isinstance(spec, tuple):
+        return dataset.map(lambda inputs, *rest: (attach(inputs), *rest))
+    return dataset.map(attach)
+
+
 def indexed_batches(images, batch_size=256):
     """`(images, index)` batches of `images` (an `(N, H, W, 3)` array) in order: what
     `importance.ImportanceRefresh(dataset_fn=lambda: indexed_batches(images))` scores."""

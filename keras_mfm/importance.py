@@ -45,6 +45,23 @@ def table_bytes(num_images, num_patches, storage):
     return num_images * num_patches * per_patch + (num_images * 4 if storage == "uint8" else 0)
 
 
+#: Where a model keeps its table: "model" (a non-trainable variable, saved in `.keras` files; `fit` on
+#: arrays works) or "host" (a `HostTable` in host memory, or memory-mapped files, that the input
+#: pipeline reads by image index: `data.with_importance`; nothing replicated on the devices).
+IMPORTANCE_LOCATIONS = ("model", "host")
+DEFAULT_IMPORTANCE_LOCATION = "model"
+#: What `train.py` uses: its pipeline attaches each batch's rows, and its checkpoints keep the table
+#: beside them (`HostTable.save`), written once per refresh instead of into every checkpoint.
+TRAINING_IMPORTANCE_LOCATION = "model"
+HOST_TABLE_FILES = ("values.npy", "steps.npy")
+
+
+def check_location(location):
+    if location not in IMPORTANCE_LOCATIONS:
+        raise ValueError(f"Unknown importance_location {location!r}; choose one of {IMPORTANCE_LOCATIONS}.")
+    return location
+
+
 class StoredTable(NamedTuple):
     """A table in its stored form (`encode_table`): `values (images, N)` in the storage's dtype and
     `steps (images,)` float32 for "uint8" (else None). `score_images` fills one batch by batch, so a
@@ -99,6 +116,88 @@ def encode_table(table, storage):
     codes = np.where(positive, codes, 0)
     codes[row_max[:, 0] <= 0] = _TOP_CODE  # an all-zero row: uniform, as the draw treats it
     return codes.astype("uint8"), steps
+
+
+class HostTable:
+    """An importance table kept in host memory for the input pipeline (`importance_location="host"`).
+
+    `values (num_images, N)` in the storage's dtype and, for "uint8", `steps (num_images,)` float32,
+    as `encode_table` writes them; all rows start uniform. `data.with_importance` adds each batch's
+    rows to its inputs (`importance_values`, `importance_steps`), so a device only ever holds the
+    rows of its share of the batch. `version` counts the refreshes. `save` writes the two arrays as
+    `.npy` files into a new folder and renames it into place (a complete table or none); `load`
+    memory-maps them, so a table of ImageNet-1K size is paged in by the rows read.
+    """
+
+    def __init__(self, num_images, num_patches, storage=DEFAULT_IMPORTANCE_STORAGE):
+        self.storage = check_storage(storage)
+        values, steps = encode_table(np.ones((1, num_patches), "float32"), self.storage)
+        self.values = np.repeat(values, num_images, axis=0)
+        self.steps = None if steps is None else np.repeat(steps, num_images)
+        self.version = 0
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def set(self, values, steps=None):
+        """Replace the table by a stored one (`encode_table`'s arrays) and count a refresh."""
+        if tuple(np.shape(values)) != self.values.shape or str(values.dtype) != self.storage \
+                or (steps is None) != (self.steps is None):
+            raise ValueError(f"A {self.storage} table of shape {self.values.shape} was expected, got "
+                             f"{values.dtype} {tuple(np.shape(values))}.")
+        self.values, self.steps = values, steps
+        self.version += 1
+
+    def rows(self, index):
+        """`(values, steps)` of the images `index` (B,); `steps` zeros unless "uint8" (unused then)."""
+        index = np.asarray(index, "int64")
+        if index.size and (index.min() < 0 or index.max() >= len(self.values)):
+            raise ValueError(f"Image index {int(index.max())} is outside the importance table "
+                             f"({len(self.values)} rows): the pipeline is not the one the table was made for.")
+        steps = np.zeros(len(index), "float32") if self.steps is None else np.asarray(self.steps[index])
+        return np.asarray(self.values[index]), steps
+
+    def write_into(self, folder):
+        """The arrays as `.npy` files in the existing `folder` (e.g. a `.keras` file's assets)."""
+        import os
+
+        np.save(os.path.join(folder, HOST_TABLE_FILES[0]), np.asarray(self.values))
+        if self.steps is not None:
+            np.save(os.path.join(folder, HOST_TABLE_FILES[1]), np.asarray(self.steps))
+
+    def save(self, folder):
+        """Write the table into `folder` (a new folder; an existing one is left as it is)."""
+        import os
+        import shutil
+
+        if os.path.isdir(folder):
+            return folder
+        temporary = f"{folder}.tmp{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            os.makedirs(temporary)
+            self.write_into(temporary)
+            os.replace(temporary, folder)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return folder
+
+    def load(self, folder, version, mmap=True):
+        """Read a table `save` wrote (memory-mapped read-only, or with `mmap=False` into memory)
+        and set its refresh `version`."""
+        import os
+
+        mode = "r" if mmap else None
+        try:
+            values = np.load(os.path.join(folder, HOST_TABLE_FILES[0]), mmap_mode=mode)
+            steps = np.load(os.path.join(folder, HOST_TABLE_FILES[1]), mmap_mode=mode) if self.steps is not None \
+                else None
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot read the importance table in {folder}: {error}.") from None
+        self.set(values, steps)
+        self.version = int(version)
 
 
 def decode_rows(values, steps=None):

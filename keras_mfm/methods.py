@@ -183,13 +183,14 @@ def _ratios(name, mask_ratio, throw_ratio):
 
 def _masked_autoencoder(name, importance):
     def build(encoder, mask_ratio=None, throw_ratio=None, decoder_dim=None, decoder_depth=None, decoder_heads=None,
-              norm_pix_loss=None, seed=None, num_images=None, importance_storage=None):
+              norm_pix_loss=None, seed=None, num_images=None, importance_storage=None, importance_location=None):
         mask_ratio, throw_ratio = _ratios(name, mask_ratio, throw_ratio)
         return MAE(
             encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, seed=seed, importance=importance,
             num_images=num_images if importance else None, name=name,
             **_given(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-                     norm_pix_loss=norm_pix_loss, importance_storage=importance_storage if importance else None),
+                     norm_pix_loss=norm_pix_loss, importance_storage=importance_storage if importance else None,
+                     importance_location=importance_location if importance else None),
         )
 
     return build
@@ -214,7 +215,9 @@ def build_simmim(encoder, mask_ratio=None, mask_patch_size=None, seed=None):
 
 
 @register_method("simmim_famt", "SimMIM with FAMT masking (0.45) and throwing (0.40)", importance=True, **_SIMMIM)
-def build_simmim_famt(encoder, mask_ratio=None, throw_ratio=None, seed=None, num_images=None, importance_storage=None):
+def build_simmim_famt(encoder, mask_ratio=None, throw_ratio=None, seed=None, num_images=None, importance_storage=None,
+                      importance_location=None):
     mask_ratio, throw_ratio = _ratios("simmim_famt", mask_ratio, throw_ratio)
     return SimMIM(encoder, mask_ratio=mask_ratio, throw_ratio=throw_ratio, seed=seed, importance="famt",
-                  num_images=num_images, name="simmim_famt", **_given(importance_storage=importance_storage))
+                  num_images=num_images, name="simmim_famt",
+                  **_given(importance_storage=importance_storage, importance_location=importance_location))

@@ -15,7 +15,12 @@ flag name, or a dict `{flag: value}` of switches that set the field), `nargs`, `
 import dataclasses
 
 from keras_mfm import methods
-from keras_mfm.importance import DEFAULT_IMPORTANCE_STORAGE, IMPORTANCE_STORAGES
+from keras_mfm.importance import (
+    DEFAULT_IMPORTANCE_STORAGE,
+    IMPORTANCE_LOCATIONS,
+    IMPORTANCE_STORAGES,
+    TRAINING_IMPORTANCE_LOCATION,
+)
 from keras_mfm.optimizers import recipes
 from keras_mfm.layers.initializers import INIT_SCHEMES
 from keras_mfm.layers.restoration import AdditiveNoise, Downsampling
@@ -163,6 +168,10 @@ class PretrainConfig:
     importance_storage: str = setting(DEFAULT_IMPORTANCE_STORAGE, "amt/famt/simmim_famt: how the importance "
                                       "table is kept (uint8: one logarithmic byte per patch, a quarter of float32)",
                                       "tokens", choices=IMPORTANCE_STORAGES)
+    importance_location: str = setting(TRAINING_IMPORTANCE_LOCATION, "amt/famt/simmim_famt: where the importance "
+                                       "table is kept: host (host memory, each batch's rows added by the input "
+                                       "pipeline; nothing replicated on the devices) or model (a model variable)",
+                                       "tokens", choices=IMPORTANCE_LOCATIONS)
     decoder_dim: int = setting(default_of(MAE, "decoder_dim"), "MAE decoder width", "tokens")
     decoder_depth: int = setting(default_of(MAE, "decoder_depth"), "MAE decoder blocks", "tokens")
     decoder_heads: int = setting(default_of(MAE, "decoder_heads"), "MAE decoder heads", "tokens")

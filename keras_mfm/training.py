@@ -459,6 +459,8 @@ def _train(config, source, resume, replication, extra_callbacks=()):
             train_split, config.image_size, config.batch_size, steps, epoch, seed=config.seed, skip_steps=skip,
             with_geometry=uses_importance, cached=cached,
         )
+        if getattr(model, "host_table", None) is not None:  # each batch's importance rows, from the host
+            batches = data.with_importance(batches, model)
         try:
             history = model.fit(
                 batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - skip, callbacks=callbacks,

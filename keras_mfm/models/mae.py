@@ -109,7 +109,7 @@ class MAE(TokenMaskingModel):
         decoder_dim, decoder_depth, decoder_heads: the decoder (MAE: 512, 8, 16).
         norm_pix_loss: per-patch normalised pixel targets, `(x - mean) / sqrt(var + 1e-6)` with
             the unbiased variance (`n - 1`, as MAE's `target.var(dim=-1)`).
-        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage: see
+        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage, importance_location: see
             `TokenMaskingModel` (warm-up: MAE's random masking 0.75).
     """
 

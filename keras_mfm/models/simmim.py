@@ -56,7 +56,7 @@ class SimMIM(TokenMaskingModel):
         throw_ratio: share of patches thrown away (FAMT only; 0 for SimMIM).
         mask_patch_size: side of a random-masking unit in pixels, a multiple of the patch size
             (None: `default_mask_patch_size`). With `importance` it must be the patch size.
-        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage: see
+        seed, importance, num_images, warmup_mask_ratio, cutoff, importance_storage, importance_location: see
             `TokenMaskingModel` (warm-up: random patch masking at SimMIM's 0.6).
     """
 

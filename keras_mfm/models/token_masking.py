@@ -9,7 +9,11 @@ non-trainable `(num_images, N)` variable (saved in its checkpoints), which
 `keras_mfm.importance.ImportanceRefresh` refills; until the first refresh the model masks at random
 (`warmup_mask_ratio`, nothing thrown), as the authors' plain-MAE warm-up. The table is stored
 compactly by default (`importance_storage="uint8"`: one logarithmic byte per patch and a float32 step
-per image, `importance.encode_table`), or as float16 or float32.
+per image, `importance.encode_table`), or as float16 or float32. With `importance_location="host"`
+the table is an `importance.HostTable` in host memory instead of a variable: the input pipeline
+(`data.with_importance`) adds each batch's stored rows to the inputs, so no device holds more than
+its batch's rows and nothing of it is replicated; it is saved with the model all the same (the
+`.keras` file's assets), so checkpoints resume exactly.
 """
 
 import collections
@@ -20,10 +24,13 @@ from keras import ops
 
 from keras_mfm.backend import ReplicaSeedGenerator, scale_loss_for_replicas
 from keras_mfm.importance import (
+    DEFAULT_IMPORTANCE_LOCATION,
     DEFAULT_IMPORTANCE_STORAGE,
     IMPORTANCE_METHODS,
+    HostTable,
     ImportanceScorer,
     StoredTable,
+    check_location,
     check_storage,
     decode_rows,
     encode_table,
@@ -74,7 +81,9 @@ class TokenMaskingModel(PretrainingModel):
     masked/thrown patches by the given importance, or (AMT/FAMT, `importance` set)
     `{"images", "index", "box", "flip"}` (`data.pretraining_dataset(with_geometry=True)`): each
     image's stored map is cropped and flipped like the image and drives the draw once the table has
-    been filled.
+    been filled. A model keeping its table on the host (`importance_location="host"`) takes the
+    stored rows with the inputs instead: `{"images", "index", "box", "flip", "importance_values"
+    (B, N) in the storage's dtype, "importance_steps" (B,) float32}` (`data.with_importance`).
 
     Args:
         encoder: a `keras_mfm.backbones.ViTBackbone`.
@@ -86,10 +95,14 @@ class TokenMaskingModel(PretrainingModel):
         cutoff: FAMT's low-pass cut-off (0.15 of N).
         importance_storage: how the table is kept: "uint8" (default; 1 byte per patch + 4 per
             image), "float16" or "float32" (see `importance.encode_table`).
+        importance_location: where the table is kept: "model" (default; a non-trainable variable,
+            so that `fit` on arrays works) or "host" (an `importance.HostTable`, read by the input
+            pipeline; for large data sets and several devices).
     """
 
     def __init__(self, encoder, mask_ratio, throw_ratio=0.0, seed=None, importance=None, num_images=None,
-                 warmup_mask_ratio=0.75, cutoff=0.15, importance_storage=DEFAULT_IMPORTANCE_STORAGE, **kwargs):
+                 warmup_mask_ratio=0.75, cutoff=0.15, importance_storage=DEFAULT_IMPORTANCE_STORAGE,
+                 importance_location=DEFAULT_IMPORTANCE_LOCATION, **kwargs):
         super().__init__(**kwargs)
         if not hasattr(encoder, "patch_size"):
             raise ValueError(f"{type(self).__name__} needs a ViT encoder (patch tokens), got {type(encoder).__name__}.")
@@ -115,11 +128,16 @@ class TokenMaskingModel(PretrainingModel):
         token_counts(encoder.num_patches, self.warmup_mask_ratio, 0.0, "mae")  # validates the warm-up ratio
         self.cutoff = float(cutoff)
         self.importance_storage = check_storage(importance_storage)
+        self.importance_location = check_location(importance_location)
+        self.host_table = None
         self.importance_ready = False  # Python-level phase: shapes differ before/after the first refresh
 
     def build_importance(self):
         """Creates the importance table and the refresh counter (called from `build`)."""
-        if self.importance:
+        if self.importance and self.importance_location == "host":
+            self.importance_table = self.importance_step = None
+            self.host_table = HostTable(self.num_images, self.encoder.num_patches, self.importance_storage)
+        elif self.importance:
             uint8 = self.importance_storage == "uint8"
             self.importance_table = self.add_weight(  # all ones (uint8: the top code): uniform
                 shape=(self.num_images, self.encoder.num_patches), trainable=False, name="importance_table",
@@ -129,6 +147,7 @@ class TokenMaskingModel(PretrainingModel):
             if uint8:
                 self.importance_step = self.add_weight(shape=(self.num_images,), initializer="zeros",
                                                        trainable=False, name="importance_step")
+        if self.importance:
             self.refresh_count = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                                  name="refresh_count")
 
@@ -139,7 +158,7 @@ class TokenMaskingModel(PretrainingModel):
         if isinstance(table, StoredTable):
             values, steps = table
             self.check_table_shape(np.shape(values))
-            if str(values.dtype) != self.importance_storage or (steps is None) != (self.importance_step is None):
+            if str(values.dtype) != self.importance_storage or (steps is None) != (self.importance_storage != "uint8"):
                 raise ValueError(
                     f"The stored table is {values.dtype} but this model stores its importance as "
                     f"{self.importance_storage!r}: score it with storage={self.importance_storage!r}."
@@ -149,9 +168,12 @@ class TokenMaskingModel(PretrainingModel):
             self.check_table_shape(table.shape)
             check_weights(table)
             values, steps = encode_table(table, self.importance_storage)
-        self.importance_table.assign(values)
-        if steps is not None:
-            self.importance_step.assign(steps)
+        if self.host_table is not None:
+            self.host_table.set(values, steps)
+        else:
+            self.importance_table.assign(values)
+            if steps is not None:
+                self.importance_step.assign(steps)
         self.refresh_count.assign(self.refresh_count + 1.0)
         self.importance_ready = True
 
@@ -177,6 +199,12 @@ class TokenMaskingModel(PretrainingModel):
         """The stored maps as float32 `(len(index) or num_images, N)`, each relative to its maximum
         with compact storage (the draw uses only the order); float32 storage gives the table as set."""
         values, steps = self.importance_table, self.importance_step
+        if self.host_table is not None:
+            values, steps = self.host_table.values, self.host_table.steps
+            if index is not None:
+                values, steps = self.host_table.rows(ops.convert_to_numpy(index))
+                index = None
+            values, steps = np.asarray(values), None if self.host_table.steps is None else np.asarray(steps)
         if index is not None:
             index = ops.cast(index, "int32")
             values = ops.take(values, index, axis=0)
@@ -188,10 +216,11 @@ class TokenMaskingModel(PretrainingModel):
         if self.importance:
             self.importance_ready = float(ops.convert_to_numpy(self.refresh_count)) > 0
 
-    def augmented_importance(self, index, box, flip):
-        """Each image's stored map, cropped/flipped like the image, on the patch grid: `(B, N)`."""
+    def augmented_importance(self, index, box, flip, maps=None):
+        """Each image's stored map (or `maps` (B, N), decoded rows of the host table), cropped and
+        flipped like the image, on the patch grid: `(B, N)`."""
         rows, cols = self.encoder.grid_size
-        maps = ops.reshape(self.importance_maps(index), (-1, rows, cols))
+        maps = ops.reshape(self.importance_maps(index) if maps is None else maps, (-1, rows, cols))
         return follow_augmentation(maps, box, flip, (rows, cols))
 
     def split_inputs(self, inputs):
@@ -200,7 +229,14 @@ class TokenMaskingModel(PretrainingModel):
             return inputs, None
         importance = inputs.get("importance")
         if importance is None and self.importance and self.importance_ready and "index" in inputs:
-            importance = self.augmented_importance(inputs["index"], inputs["box"], inputs["flip"])
+            if self.host_table is not None:
+                if "importance_values" not in inputs:
+                    raise ValueError(self._host_rows_missing(type(self).__name__))
+                steps = inputs["importance_steps"] if self.importance_storage == "uint8" else None
+                maps = decode_rows(inputs["importance_values"], steps)
+            else:
+                maps = None
+            importance = self.augmented_importance(inputs["index"], inputs["box"], inputs["flip"], maps)
         return inputs["images"], importance
 
     def select(self, images, importance=None):
@@ -266,12 +302,29 @@ class TokenMaskingModel(PretrainingModel):
         if not self.importance or (isinstance(x, dict) and "importance" in x):
             return
         missing = [key for key in ("index", "box", "flip") if not (isinstance(x, dict) and key in x)]
+        if not missing and self.host_table is not None and "importance_values" not in x:
+            raise ValueError(self._host_rows_missing(where))
         if missing:
             raise ValueError(
                 f"{where}: {self.importance.upper()} looks up each image's importance map by its index, but the "
                 f"inputs have no {', '.join(repr(k) for k in missing)}; pass "
                 "`keras_mfm.data.with_index(images)` (or a dict with 'importance' maps)."
             )
+
+    def _host_rows_missing(self, where):
+        return (f"{where}: this {self.importance.upper()} model keeps its importance table on the host "
+                "(importance_location='host'), but the inputs have no 'importance_values': pass the batches "
+                "through `keras_mfm.data.with_importance(dataset, model)`, or build the model with "
+                "importance_location='model'.")
+
+    # -- the host table travels in the .keras file's assets -----------------------------------
+    def save_assets(self, dir_path):
+        if self.host_table is not None:
+            self.host_table.write_into(dir_path)
+
+    def load_assets(self, dir_path):
+        if self.host_table is not None:
+            self.host_table.load(dir_path, version=float(ops.convert_to_numpy(self.refresh_count)), mmap=False)
 
     # -- loss ----------------------------------------------------------------------------------
     def reconstruction_loss(self, images, prediction, masked):
@@ -299,6 +352,7 @@ class TokenMaskingModel(PretrainingModel):
             "warmup_mask_ratio": self.warmup_mask_ratio,
             "cutoff": self.cutoff,
             "importance_storage": self.importance_storage,
+            "importance_location": self.importance_location,
         })
         return config
 
