@@ -50,8 +50,8 @@ def table_bytes(num_images, num_patches, storage):
 #: pipeline reads by image index: `data.with_importance`; nothing replicated on the devices).
 IMPORTANCE_LOCATIONS = ("model", "host")
 DEFAULT_IMPORTANCE_LOCATION = "model"
-#: What `train.py` uses: its pipeline attaches each batch's rows, and its checkpoints keep the table
-#: beside them (`HostTable.save`), written once per refresh instead of into every checkpoint.
+#: What `train.py` uses (its pipeline attaches each batch's rows when the table is on the host; its
+#: checkpoints hold the table either way, the host one in the `.keras` file's assets).
 TRAINING_IMPORTANCE_LOCATION = "model"
 HOST_TABLE_FILES = ("values.npy", "steps.npy")
 
@@ -124,9 +124,9 @@ class HostTable:
     `values (num_images, N)` in the storage's dtype and, for "uint8", `steps (num_images,)` float32,
     as `encode_table` writes them; all rows start uniform. `data.with_importance` adds each batch's
     rows to its inputs (`importance_values`, `importance_steps`), so a device only ever holds the
-    rows of its share of the batch. `version` counts the refreshes. `save` writes the two arrays as
-    `.npy` files into a new folder and renames it into place (a complete table or none); `load`
-    memory-maps them, so a table of ImageNet-1K size is paged in by the rows read.
+    rows of its share of the batch. `version` counts the refreshes. `write_into` writes the two
+    arrays as `.npy` files into a folder (the model's `.keras` assets); `load` reads them back,
+    memory-mapped unless `mmap=False`.
     """
 
     def __init__(self, num_images, num_patches, storage=DEFAULT_IMPORTANCE_STORAGE):
@@ -166,26 +166,8 @@ class HostTable:
         if self.steps is not None:
             np.save(os.path.join(folder, HOST_TABLE_FILES[1]), np.asarray(self.steps))
 
-    def save(self, folder):
-        """Write the table into `folder` (a new folder; an existing one is left as it is)."""
-        import os
-        import shutil
-
-        if os.path.isdir(folder):
-            return folder
-        temporary = f"{folder}.tmp{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        try:
-            os.makedirs(temporary)
-            self.write_into(temporary)
-            os.replace(temporary, folder)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        return folder
-
     def load(self, folder, version, mmap=True):
-        """Read a table `save` wrote (memory-mapped read-only, or with `mmap=False` into memory)
+        """Read a table `write_into` wrote (memory-mapped read-only, or with `mmap=False` into memory)
         and set its refresh `version`."""
         import os
 
