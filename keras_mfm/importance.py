@@ -2,8 +2,10 @@
 
 One importance map per training image, scored by the current encoder in inference mode on the
 un-augmented image (resized to the training size, all tokens), from the last block's attention
-(AMT) or attention and patch-token features (FAMT). The table lives in the pre-training model
-(`MAE.importance_table`, compact by default, see `encode_table`; saved with its checkpoints);
+(AMT) or attention and patch-token features (FAMT). The table belongs to the pre-training model,
+compact by default (`encode_table`), saved with its checkpoints: a non-trainable variable
+(`MAE.importance_table`), or a `HostTable` in host memory whose rows the input pipeline adds to each
+batch (`importance_location="host"`, what `train.py` uses: nothing replicated on the devices);
 `ImportanceRefresh` refills it at the start of epoch `warmup_epochs` and every `interval` epochs
 after, each data-parallel device scoring its share (`distribution.SharedInference`). Before the
 first refresh the model trains as plain MAE (random masking 0.75).
@@ -52,7 +54,7 @@ IMPORTANCE_LOCATIONS = ("model", "host")
 DEFAULT_IMPORTANCE_LOCATION = "model"
 #: What `train.py` uses (its pipeline attaches each batch's rows when the table is on the host; its
 #: checkpoints hold the table either way, the host one in the `.keras` file's assets).
-TRAINING_IMPORTANCE_LOCATION = "model"
+TRAINING_IMPORTANCE_LOCATION = "host"
 HOST_TABLE_FILES = ("values.npy", "steps.npy")
 
 

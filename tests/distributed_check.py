@@ -5,7 +5,8 @@ Prints one JSON line comparing, on the same global batch and initial weights,
 - two training steps of MFM (the run's AdamW, schedule and a small clip norm, so that clipping acts)
   on one device and data-parallel over DEVICES virtual CPU devices: losses and weights;
 - a FAMT model trained data-parallel for one epoch, whose `ImportanceRefresh` at epoch 1 scores the
-  whole (unevenly batched) image set: the table against a direct call of the scorer.
+  whole (unevenly batched) image set: the table against a direct call of the scorer;
+- the compact table in a replicated step, as a model variable and on the host (the same losses).
 """
 
 import json
@@ -19,7 +20,7 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_mfm import backbones, distribution, methods, optimization  # noqa: E402
+from keras_mfm import backbones, data, distribution, methods, optimization  # noqa: E402
 from keras_mfm.importance import ImportanceRefresh, ImportanceScorer  # noqa: E402
 from keras_mfm.models.mae import MAE  # noqa: E402
 from keras_mfm.models.token_masking import whole_image_inputs  # noqa: E402
@@ -139,13 +140,27 @@ def compact_table_step():
         compact.build((None, SIZE, SIZE, 3))
         compact.compile(optimizer=keras.optimizers.AdamW(1e-3))
     compact.set_importance(table)
+    initial = weights(compact)
     losses = compact.fit(batches(inputs, BATCH), epochs=1, verbose=0).history["loss"]
     decoded = keras.ops.convert_to_numpy(compact.importance_maps())
     relative = table / table.max(axis=1, keepdims=True)
     steps = keras.ops.convert_to_numpy(compact.importance_step)
     error = np.abs(np.log(decoded) - np.log(relative)) - steps[:, None] / 2
+    # the same from the host table (train.py's): each batch's rows added by the input pipeline
+    with replication.scope():
+        host = MAE(famt.encoder, mask_ratio=0.45, throw_ratio=0.40, seed=0, importance="famt", num_images=IMAGES,
+                   decoder_dim=16, decoder_depth=1, decoder_heads=2, importance_location="host")
+        host.build((None, SIZE, SIZE, 3))
+        host.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    for variable, value in zip(host.trainable_variables, initial):  # the shared encoder too
+        variable.assign(value)
+    host.set_importance(table)
+    host_losses = host.fit(data.with_importance(batches(inputs, BATCH), host), epochs=1, verbose=0).history["loss"]
     return {"compact_dtype": str(keras.ops.convert_to_numpy(compact.importance_table).dtype),
-            "compact_losses": losses, "compact_key_error_over_half_step": float(error.max())}
+            "compact_losses": losses, "compact_key_error_over_half_step": float(error.max()),
+            "host_losses": host_losses, "host_dtype": str(host.host_table.values.dtype),
+            "host_vs_compact_weights": max(float(np.max(np.abs(a - b))) for a, b in zip(weights(host),
+                                                                                       weights(compact)))}
 
 
 masks_report.update(compact_table_step())

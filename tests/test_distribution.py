@@ -48,6 +48,10 @@ def test_distributed_step_equals_one_device_step_and_famt_refresh_fills_the_tabl
     # the default uint8 table: a replicated step gathers from it, its keys within half a step
     assert report["compact_dtype"] == "uint8" and np.all(np.isfinite(report["compact_losses"]))
     assert report["compact_key_error_over_half_step"] < 1e-6
+    # the table on the host (train.py's): its rows come with each batch, the steps are the same
+    assert report["host_dtype"] == "uint8"
+    np.testing.assert_allclose(report["host_losses"], report["compact_losses"], rtol=1e-5)
+    assert report["host_vs_compact_weights"] < 1e-5, report["host_vs_compact_weights"]
     # the refresh is shared: each of the 2 devices scores its share of every batch (the table is the
     # scorer's on all images, above); a probe sees shares of 4 rows of a 7-row batch, never all of it
     assert report["refresh_devices"] == 2

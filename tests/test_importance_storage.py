@@ -131,7 +131,9 @@ def test_resuming_on_a_data_set_of_another_size_is_one_clear_error(tmp_path, cap
             "--decoder-depth", "1", "--decoder-heads", "2", "--refresh-warmup", "1", "--eval", "none", "--quiet"]
     assert train.main(argv) == 0
     model = keras.saving.load_model(os.path.join(output, "checkpoint.keras"))
-    assert model.importance_storage == "uint8" and to_numpy(model.importance_table).dtype == np.uint8
+    assert model.importance_storage == "uint8" and model.importance_location == imp.TRAINING_IMPORTANCE_LOCATION
+    stored = model.host_table.values if model.host_table is not None else to_numpy(model.importance_table)
+    assert stored.dtype == np.uint8 and stored.shape == (8, 16) and float(to_numpy(model.refresh_count)) == 1
     capsys.readouterr()
     write_folder(str(tmp_path / "set"), classes=("bird",), per_class=4, splits=("train",))  # now 12
     assert train.main(["--resume", "--output", output, "--quiet"]) == 2

@@ -87,8 +87,12 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     np.testing.assert_allclose([row[1:] for row in got], [row[1:] for row in want], rtol=1e-5)
     a = keras.saving.load_model(os.path.join(straight, "checkpoint.keras"))
     b = keras.saving.load_model(os.path.join(killed, "checkpoint.keras"))
-    for x, y in zip(a.weights, b.weights):  # encoder, decoder, importance table, optimizer step
+    for x, y in zip(a.weights, b.weights):  # encoder, decoder, refresh count (and a variable table), optimizer
         np.testing.assert_allclose(to_numpy(x), to_numpy(y), atol=1e-5, err_msg=x.path)
+    assert b.importance_location == "host"  # train.py's table: on the host, in the checkpoint's assets
+    np.testing.assert_array_equal(b.host_table.values, a.host_table.values)
+    np.testing.assert_array_equal(b.host_table.steps, a.host_table.steps)
+    assert not np.all(b.host_table.values == b.host_table.values[0, 0])  # filled by the refresh
     np.testing.assert_allclose(to_numpy(a.optimizer.iterations), to_numpy(b.optimizer.iterations))
     info = json.load(open(os.path.join(killed, "config.json")))
     assert info["importance_refreshes"] == []  # epoch 1's refresh is in the checkpoint, not redone
