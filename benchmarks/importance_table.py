@@ -9,11 +9,12 @@ Parts (each a markdown table; the measured ones run in their own processes):
 - `sizes`: table bytes and checkpoint size (weights + AdamW's two moments + table) computed for
   CIFAR-10 (50,000 x 64 patches, ViT-Tiny/4 at 32) and ImageNet-1K (1,281,167 x 196, ViT-B/16 at
   224), with MAE's decoder (512-d, 8 blocks), per storage.
-- `table`: measured, per storage, in a fresh process: an MAE whose table holds `--images` maps of
-  196 patches (a 1-block, 64-d encoder, so that the table dominates), filled by `score_images` batch
-  by batch from a synthetic scorer, encoded into the storage as it goes (`storage=`, as a refresh
-  does), stored by `set_importance`, saved with `model.save`; seconds,
-  the file's size and the peak resident memory (`resource.getrusage`).
+- `table`: measured, per storage and location (`--storages`, `--locations`), in a fresh process: an
+  MAE whose table holds `--images` maps of 196 patches (a 1-block, 64-d encoder, so that the table
+  dominates), as a model variable or on the host (`importance_location`), filled by `score_images`
+  batch by batch from a synthetic scorer, encoded into the storage as it goes (`storage=`, as a
+  refresh does), stored by `set_importance`, saved with `model.save`; seconds, the file's size and
+  the peak resident memory (`resource.getrusage`).
 - `agreement`: the same Gumbel noise drawn on float32 weights and on their float16 / uint8 storage:
   the share of images whose masked set (and visible set) is identical, the mean overlap of the masked
   sets and the Kendall tau of the two draw orders; for scale, the same numbers between two draws
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default="torch", choices=("torch", "jax", "tensorflow"),
                         help="backend of the `scorer` part")
     parser.add_argument("--images", type=int, default=1_281_167, help="rows of the measured table")
+    parser.add_argument("--storages", default=",".join(STORAGES), help="storages of the table part")
+    parser.add_argument("--locations", default="model,host", help="importance_location of the table part")
     parser.add_argument("--agreement-images", type=int, default=2000)
     parser.add_argument("--scorer-batches", type=int, default=4, help="timed batches of 256 (scorer part)")
     parser.add_argument("--refresh-images", type=int, default=1024, help="images scored in the devices part")
@@ -126,12 +129,13 @@ def worker_table(args):
     from keras_mfm.importance import score_images
     from keras_mfm.models.mae import MAE
 
-    storage, images = os.environ["BENCH_STORAGE"], args.images
+    storage, location, images = os.environ["BENCH_STORAGE"], os.environ["BENCH_LOCATION"], args.images
     start = time.perf_counter()
     encoder = backbones.ViTBackbone(image_size=224, patch_size=16, hidden_dim=64, depth=1, num_heads=2,
                                     position_embedding="sincos")
     model = MAE(encoder, mask_ratio=0.45, throw_ratio=0.40, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                importance="famt", num_images=images, importance_storage=storage, seed=0)
+                importance="famt", num_images=images, importance_storage=storage, importance_location=location,
+                seed=0)
     model.build()
     built = time.perf_counter()
     resident = {"built": current_memory()}
@@ -154,15 +158,15 @@ def worker_table(args):
     del scored
     stored = time.perf_counter()
     resident["stored"] = current_memory()  # the host's refresh table freed
-    path = os.path.join(os.environ["BENCH_DIR"], f"table_{storage}.keras")
+    path = os.path.join(os.environ["BENCH_DIR"], f"table_{storage}_{location}.keras")
     model.save(path)
     saved = time.perf_counter()
     size = os.path.getsize(path)
     os.remove(path)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    variable = keras.ops.convert_to_numpy(model.importance_table)
+    table = model.host_table.values if location == "host" else keras.ops.convert_to_numpy(model.importance_table)
     return {"build": built - start, "fill": filled - built, "store": stored - filled, "save": saved - stored,
-            "file": size, "peak": peak, "variable_bytes": int(variable.nbytes), "resident": resident}
+            "file": size, "peak": peak, "table_bytes": int(table.nbytes), "resident": resident}
 
 
 def part_table(args):
@@ -170,14 +174,15 @@ def part_table(args):
 
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        for storage in STORAGES:
+        for storage, location in [(s, place) for s in args.storages.split(",") for place in args.locations.split(",")]:
             r = run_worker(args, "table", "torch", ["--images", str(args.images)],
-                           env={"BENCH_STORAGE": storage, "BENCH_DIR": directory})
+                           env={"BENCH_STORAGE": storage, "BENCH_LOCATION": location, "BENCH_DIR": directory})
             memory = r["resident"]
-            rows.append([storage, megabytes(r["variable_bytes"]), megabytes(r["file"]), megabytes(memory["built"]),
-                         megabytes(memory["filled"]), megabytes(memory["stored"]), megabytes(r["peak"]),
+            rows.append([storage, location, megabytes(r["table_bytes"]), megabytes(r["file"]),
+                         megabytes(memory["built"]), megabytes(memory["filled"]), megabytes(memory["stored"]),
+                         megabytes(r["peak"]),
                          f"{r['fill']:.1f}", f"{r['store']:.1f}", f"{r['save']:.1f}"])
-    return table([f"storage ({args.images:,} x 196)", "table variable", "checkpoint file", "memory: model built",
+    return table([f"storage ({args.images:,} x 196)", "location", "table", "checkpoint file", "memory: model built",
                   "+ refresh table (in the storage)", "stored, refresh table freed", "peak (getrusage)",
                   "fill s (score_images)", "store s (set_importance)", "save s (model.save)"], rows)
 
