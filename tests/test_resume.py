@@ -52,14 +52,23 @@ def test_pretraining_epoch_is_a_function_of_seed_epoch_and_step(tmp_path):
     assert not np.array_equal(first[0], epoch(2)[0]) and not np.array_equal(first[0], epoch(1, seed=2)[0])
 
 
-@pytest.mark.slow_on("jax", "tensorflow")  # end to end: XLA / graph tracing make it 2-8x the PyTorch time
-def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+DISTRIBUTED = ["--distribute", "--cpu-devices", "2"]
+
+
+@pytest.mark.parametrize("devices", [
+    pytest.param(1, marks=pytest.mark.slow_on("jax", "tensorflow")),  # XLA / graph tracing: 2-8x PyTorch's time
+    pytest.param(2, marks=[pytest.mark.slow_on("jax"),
+                           pytest.mark.skipif(BACKEND == "torch", reason="Keras has no data-parallel fit on PyTorch")]),
+])
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, devices):
+    """On one device, and data-parallel on 2 virtual (JAX) or logical (TensorFlow) CPU devices."""
     root = write_folder(str(tmp_path / "set"), per_class=8)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    run = RUN + (DISTRIBUTED if devices > 1 else [])
 
     def start(output):
-        return subprocess.Popen([sys.executable, "train.py", "--data", root, "--output", output, *RUN], env=env,
+        return subprocess.Popen([sys.executable, "train.py", "--data", root, "--output", output, *run], env=env,
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     uninterrupted, process = start(straight), start(killed)  # side by side: the machine has 2 cores
@@ -95,6 +104,8 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert not np.all(b.host_table.values == b.host_table.values[0, 0])  # filled by the refresh
     np.testing.assert_allclose(to_numpy(a.optimizer.iterations), to_numpy(b.optimizer.iterations))
     info = json.load(open(os.path.join(killed, "config.json")))
+    if devices > 1:
+        assert info["distribution"]["num_replicas"] == 2
     assert info["importance_refreshes"] == []  # epoch 1's refresh is in the checkpoint, not redone
     assert float(to_numpy(b.refresh_count)) == 1
 
