@@ -33,7 +33,9 @@ finished row is written as `--results/<row>.json` (default `docs/results/cifar10
 (`table.md` in the state folder, printed) lists finished rows and names the pending ones.
 
 Tuning without the test split: `--holdout N` holds out a seeded N-image part of the training split
-(an image folder of symlinks in the cache) and scores on it instead of the test split.
+(an image folder of symlinks in the cache) and scores on it instead of the test split. Held-out
+experiments add rows outside the default set: `mae_throw` (MAE masking and throwing FAMT's shares
+at random, from the first step), e.g. `--rows mae,famt,mae_throw --holdout 5000`.
 Times: the CPU time of the process (with `--threads 1` its time alone on one core, whatever else the
 machine runs), summed over resumed runs.
 """
@@ -50,6 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADLINE = ("random", "pixels", "mfm", "mae", "famt")
 ROWS = HEADLINE + ("sr", "deblur", "denoise", "amt", "simmim", "simmim_famt")
 BASELINES = ("random", "pixels")
+# Held-out experiments, not in the default rows: each is a method with one setting changed.
+# mae_throw: MAE masking and throwing FAMT's shares at random (no importance, no refresh), which
+# separates what FAMT's counts do from what its importance order does.
+ABLATIONS = ("mae_throw",)
 FREQUENCY_FAMILY = ("mfm", "sr", "deblur", "denoise")  # the MFM model (encoder + pixel-shuffle head)
 CURVE_FRACTIONS = (0.125, 0.25, 0.5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,12 +268,23 @@ def budget_key(args):
     return f"p{args.passes:g}-d{args.depth}-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def pretrain_config(args, method, data_spec, output, train_images):
+def row_method(row):
+    """`(method, overrides)` of a row: the method it trains and the settings it changes."""
+    if row == "mae_throw":
+        from keras_mfm.methods import DEFAULT_RATIOS
+
+        mask_ratio, throw_ratio = DEFAULT_RATIOS["famt"]
+        return "mae", {"mask_ratio": mask_ratio, "throw_ratio": throw_ratio}
+    return row, {}
+
+
+def pretrain_config(args, row, data_spec, output, train_images):
     from keras_mfm import training
 
     epochs, steps = budget(args, train_images)
+    method, overrides = row_method(row)
     return training.PretrainConfig(
-        method=method, backbone=args.backbone, image_size=args.image_size, patch_size=args.patch_size,
+        **overrides, method=method, backbone=args.backbone, image_size=args.image_size, patch_size=args.patch_size,
         depth=args.depth, data=data_spec, epochs=epochs, steps_per_epoch=steps, batch_size=args.batch_size,
         lr=method_lr(args, method), radius=args.radius, decoder_dim=args.decoder_dim,
         decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, refresh_warmup=args.refresh_warmup,
@@ -514,8 +531,8 @@ def published_result(args, row):
 def rows_of(args):
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for name in rows:
-        if name not in ROWS:
-            raise SystemExit(f"accuracy.py: unknown row {name!r}; choose from {', '.join(ROWS)}.")
+        if name not in ROWS + ABLATIONS:
+            raise SystemExit(f"accuracy.py: unknown row {name!r}; choose from {', '.join(ROWS + ABLATIONS)}.")
     return rows
 
 

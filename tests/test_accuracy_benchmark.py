@@ -230,3 +230,18 @@ def test_two_studies_started_together_share_one_copy_of_the_library(tmp_path, be
     script = bench.snapshot_code(state)
     assert os.path.isfile(script)
     assert os.listdir(os.path.join(state, "code")) == [os.path.basename(os.path.dirname(os.path.dirname(script)))]
+
+
+def test_the_mae_throw_ablation_is_mae_with_famts_counts_drawn_at_random(bench):
+    from keras_mfm import methods, training
+
+    args = bench.parse_args(["--rows", "mae_throw"])
+    assert bench.rows_of(args) == ["mae_throw"] and "mae_throw" not in bench.ROWS  # not in the default study
+    config = bench.pretrain_config(args, "mae_throw", None, None, bench.TRAIN_SPLIT)
+    famt = bench.pretrain_config(args, "famt", None, None, bench.TRAIN_SPLIT)
+    assert config.method == "mae" and (config.mask_ratio, config.throw_ratio) == methods.DEFAULT_RATIOS["famt"]
+    assert config.lr == famt.lr and config.epochs == famt.epochs and config.steps_per_epoch == famt.steps_per_epoch
+    model = training.build_model(config)  # what the row's pre-training builds
+    assert model.importance is None and tuple(model.counts) == (28, 26, 10)  # FAMT's counts at 64 patches
+    with pytest.raises(SystemExit, match="unknown row 'mae_trow'"):
+        bench.rows_of(bench.parse_args(["--rows", "mae_trow"]))
