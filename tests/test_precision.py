@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_mfm import training
+from keras_mfm import data, training
 from keras_mfm.importance import ImportanceScorer
 from keras_mfm.models.token_masking import whole_image_inputs
 from tests.conftest import BACKEND, smooth_images, to_numpy
@@ -63,9 +63,15 @@ def step(method, policy_name, images):
     spy sees every call while the step is traced (TensorFlow, JAX) or run (PyTorch)."""
     model = training._new_model(config(method, precision=policy_name), num_images=len(images), steps=2,
                                 total_steps=2)
-    if method == "famt":
-        images = whole_image_inputs(images)
-    history = model.fit(images, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    if method == "famt":  # as train.py feeds it: each batch with its rows of the host table
+        import tensorflow as tf
+
+        images = tf.data.Dataset.from_tensor_slices(whole_image_inputs(images)).batch(4)
+        if model.host_table is not None:
+            images = data.with_importance(images, model)
+        history = model.fit(images, epochs=1, verbose=0)
+    else:
+        history = model.fit(images, batch_size=4, epochs=1, verbose=0, shuffle=False)
     return model, history.history["loss"]
 
 
