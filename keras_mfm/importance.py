@@ -120,6 +120,12 @@ def encode_table(table, storage):
     return codes.astype("uint8"), steps
 
 
+def uniform_table(num_images, num_patches, storage):
+    """A `StoredTable` of `num_images` uniform maps (every weight equal) in `storage`: an unscored table."""
+    values, steps = encode_table(np.ones((1, num_patches), "float32"), storage)
+    return StoredTable(np.repeat(values, num_images, axis=0), None if steps is None else np.repeat(steps, num_images))
+
+
 class HostTable:
     """An importance table kept in host memory for the input pipeline (`importance_location="host"`).
 
@@ -133,9 +139,7 @@ class HostTable:
 
     def __init__(self, num_images, num_patches, storage=DEFAULT_IMPORTANCE_STORAGE):
         self.storage = check_storage(storage)
-        values, steps = encode_table(np.ones((1, num_patches), "float32"), self.storage)
-        self.values = np.repeat(values, num_images, axis=0)
-        self.steps = None if steps is None else np.repeat(steps, num_images)
+        self.values, self.steps = uniform_table(num_images, num_patches, self.storage)
         self.version = 0
 
     @property
@@ -227,10 +231,7 @@ def score_images(encoder, dataset, num_images, method="famt", cutoff=0.15, verbo
     storage = check_storage(storage)
     scorer = scorer or ImportanceScorer(encoder, method, cutoff)
     predict = shared or scorer.predict_on_batch
-    uniform = np.ones((1, encoder.num_patches), "float32")
-    values, steps = encode_table(uniform, storage)
-    values = np.repeat(values, num_images, axis=0)
-    steps = None if steps is None else np.repeat(steps, num_images)
+    values, steps = uniform_table(num_images, encoder.num_patches, storage)
     progress = progress_bar(dataset, verbose)
     seen = 0
     for images, index in dataset:

@@ -198,13 +198,11 @@ class TokenMaskingModel(PretrainingModel):
     def importance_maps(self, index=None):
         """The stored maps as float32 `(len(index) or num_images, N)`, each relative to its maximum
         with compact storage (the draw uses only the order); float32 storage gives the table as set."""
-        values, steps = self.importance_table, self.importance_step
         if self.host_table is not None:
-            values, steps = self.host_table.values, self.host_table.steps
-            if index is not None:
-                values, steps = self.host_table.rows(ops.convert_to_numpy(index))
-                index = None
-            values, steps = np.asarray(values), None if self.host_table.steps is None else np.asarray(steps)
+            table = self.host_table
+            values, steps = (table.values, table.steps) if index is None else table.rows(ops.convert_to_numpy(index))
+            return decode_rows(np.asarray(values), None if table.steps is None else np.asarray(steps))
+        values, steps = self.importance_table, self.importance_step
         if index is not None:
             index = ops.cast(index, "int32")
             values = ops.take(values, index, axis=0)
