@@ -29,7 +29,9 @@ one folder per row (its run with checkpoints, snapshots, CPU ledger, evaluation 
 resumable: a killed row continues from its last checkpoint, and finished parts are not redone. The
 study runs from a copy of the library in the state folder (`code/<digest of the sources>`), so that
 editing the work tree during the hours it runs cannot reach it. Each
-finished row is written as `--results/<row>.json` (default `docs/results/cifar10/`); the table
+finished row is written as `--results/<row>.json` (default `docs/results/cifar10/` for the default
+study, `docs/results/cifar10/experiments/<the settings changed>/` for any other, e.g.
+`holdout5000-passes2`, so that an experiment never replaces a row of the study); the table
 (`table.md` in the state folder, printed) lists finished rows and names the pending ones.
 
 Tuning without the test split: `--holdout N` holds out a seeded N-image part of the training split
@@ -70,7 +72,9 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows, in order")
     parser.add_argument("--state", default=None, help="state folder (default: the cache, keyed by the budget)")
-    parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder of the finished rows' JSON ('' : none)")
+    parser.add_argument("--results", default=None,
+                        help="folder of the finished rows' JSON ('': none; default: docs/results/cifar10 for the "
+                             "default study, docs/results/cifar10/experiments/<changed settings> for any other)")
     parser.add_argument("--backbone", default="vit_tiny")
     parser.add_argument("--depth", type=int, default=4, help="encoder blocks (vit_tiny has 12)")
     parser.add_argument("--image-size", type=int, default=32)
@@ -100,9 +104,34 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="PyTorch intra-op threads (0: PyTorch's default; 1 on a shared machine)")
     args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = default_results(args, parser)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     return args
+
+
+# Settings that do not change what a row measures: where it runs and what it reports.
+_REPORTING_SETTINGS = ("rows", "threads", "data", "plot", "verbose", "state", "results", "backend", "no_curves")
+
+
+def experiment_name(args, parser):
+    """The settings that differ from the study's defaults, as a folder name ('' for the default
+    study), e.g. `holdout5000-passes2-radius4`."""
+    parts = []
+    for key, value in vars(args).items():
+        if key in _REPORTING_SETTINGS or value == parser.get_default(key):
+            continue
+        parts.append(key.replace("_", "-") + (f"{value:g}" if isinstance(value, float) else str(value)))
+    return "-".join(parts)
+
+
+def default_results(args, parser):
+    """Where finished rows are published: `docs/results/cifar10/` for the default study, a folder of
+    their own under `experiments/` for any other settings, so that a held-out or longer run never
+    replaces a row of the study."""
+    name = experiment_name(args, parser)
+    return os.path.join(DEFAULT_RESULTS, "experiments", name) if name else DEFAULT_RESULTS
 
 
 def set_threads(threads):

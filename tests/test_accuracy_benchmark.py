@@ -245,3 +245,16 @@ def test_the_mae_throw_ablation_is_mae_with_famts_counts_drawn_at_random(bench):
     assert model.importance is None and tuple(model.counts) == (28, 26, 10)  # FAMT's counts at 64 patches
     with pytest.raises(SystemExit, match="unknown row 'mae_trow'"):
         bench.rows_of(bench.parse_args(["--rows", "mae_trow"]))
+
+
+def test_experiments_publish_beside_the_study_not_over_it(bench):
+    study = os.path.join(REPO, "docs", "results", "cifar10")
+    assert bench.parse_args([]).results == study
+    assert bench.parse_args(["--backend", "torch", "--threads", "1", "--rows", "mae", "--no-curves"]).results == study
+    held = bench.parse_args(["--rows", "mae,famt,mae_throw", "--holdout", "5000", "--passes", "2"])
+    assert held.results == os.path.join(study, "experiments", "passes2-holdout5000")
+    assert bench.parse_args(["--radius", "4"]).results == os.path.join(study, "experiments", "radius4")
+    assert bench.parse_args(["--depth", "12", "--passes", "200"]).results == os.path.join(
+        study, "experiments", "depth12-passes200")
+    assert bench.parse_args(["--holdout", "50", "--results", "elsewhere"]).results == "elsewhere"
+    assert bench.parse_args(["--radius", "4", "--results", ""]).results == ""
