@@ -37,7 +37,8 @@ study, `docs/results/cifar10/experiments/<the settings changed>/` for any other,
 Tuning without the test split: `--holdout N` holds out a seeded N-image part of the training split
 (an image folder of symlinks in the cache) and scores on it instead of the test split. Held-out
 experiments add rows outside the default set: `mae_throw` (MAE masking and throwing FAMT's shares
-at random, from the first step), e.g. `--rows mae,famt,mae_throw --holdout 5000`.
+at random, from the first step), e.g. `--rows mae,famt,mae_throw --holdout 5000`. `--experiments` prints
+one table of every published experiment.
 Times: the CPU time of the process (with `--threads 1` its time alone on one core, whatever else the
 machine runs), summed over resumed runs.
 """
@@ -101,6 +102,8 @@ def parse_args(argv=None):
                         help="smoke tests: a seeded subset of N training and N test images (0: all)")
     parser.add_argument("--plot", default=None, help="PNG of the k-NN learning curves against CPU time")
     parser.add_argument("--verbose", type=int, default=2)
+    parser.add_argument("--experiments", action="store_true",
+                        help="print the table of every published experiment (docs/results/cifar10/experiments) and exit")
     parser.add_argument("--threads", type=int, default=0,
                         help="PyTorch intra-op threads (0: PyTorch's default; 1 on a shared machine)")
     args = parser.parse_args(argv)
@@ -111,8 +114,10 @@ def parse_args(argv=None):
     return args
 
 
-# Settings that do not change what a row measures: where it runs and what it reports.
-_REPORTING_SETTINGS = ("rows", "threads", "data", "plot", "verbose", "state", "results", "backend", "no_curves")
+# Settings that do not change a row's numbers (where it runs, what it reports).
+_NEUTRAL_SETTINGS = ("rows", "threads", "data", "plot", "verbose", "state", "results", "experiments")
+# ... nor, for naming an experiment, the backend (recorded in each row) or whether curves are drawn.
+_REPORTING_SETTINGS = _NEUTRAL_SETTINGS + ("backend", "no_curves")
 
 
 def experiment_name(args, parser):
@@ -537,10 +542,6 @@ def run_row(args, row, data_spec):
     return result
 
 
-# Settings that do not change a row's numbers (where it runs, what it reports).
-_NEUTRAL_SETTINGS = ("rows", "threads", "data", "plot", "verbose", "state", "results")
-
-
 def published_result(args, row):
     """The row's committed `--results/<row>.json` when it was made with the same settings (budget,
     model, protocols, seed, backend, data file), so that a fresh machine does not redo it; else None."""
@@ -576,8 +577,9 @@ def markdown_table(results, pending=()):
         "| linear mean | fine-tune | eval CPU min |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, r in results.items():
-        name = {"random": "random init", "pixels": "raw pixels"}.get(row, row)
+    for key, r in results.items():
+        row = r.get("method", key)
+        name = {"random": "random init", "pixels": "raw pixels"}.get(key, key)
         steps = f"{r['budget']['passes']:g} ({r['budget']['steps']})" if row not in BASELINES else "none"
         cpu = "none" if row in BASELINES else _cell(r["cpu_minutes"], 1)
         if r.get("refresh_minutes"):
@@ -589,6 +591,21 @@ def markdown_table(results, pending=()):
         lines.append("")
         lines.append(f"Pending rows: {', '.join(pending)}.")
     return "\n".join(lines)
+
+
+def experiment_results(root=None):
+    """Every published experiment row under `root` (default `docs/results/cifar10/experiments`:
+    `<experiment>/<row>.json`), keyed `"<experiment>: <row>"`, experiments by name and rows in the
+    study's order."""
+    root = root or os.path.join(DEFAULT_RESULTS, "experiments")
+    order = {row: i for i, row in enumerate(ROWS + ABLATIONS)}
+    results = {}
+    for experiment in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        folder = os.path.join(root, experiment)
+        rows = [name[:-len(".json")] for name in os.listdir(folder) if name.endswith(".json")]
+        for row in sorted(rows, key=lambda r: (order.get(r, len(order)), r)):
+            results[f"{experiment}: {row}"] = _read_json(os.path.join(folder, f"{row}.json"))
+    return results
 
 
 def plot(results, path):
@@ -623,6 +640,10 @@ def plot(results, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.experiments:
+        results = experiment_results()
+        print(markdown_table(results) if results else "No experiment has been published.")
+        return results
     from keras_mfm import data  # after the backend is chosen
     # every module a row uses, imported now: a run lasts hours, and a module first imported hours
     # later from an edited work tree would mix two versions of the library in one process
@@ -721,9 +742,9 @@ def run_from_snapshot(argv):
     hours cannot reach it: TensorFlow's autograph reads a function's source from its file each time
     it traces it (every epoch's pipeline, each refresh), and a file edited meanwhile gives it the
     wrong source. The paths that default to the work tree (data, results, state) are passed on."""
-    if os.environ.get(SNAPSHOT_ENV):
-        return main(argv)
     args = parse_args(argv)
+    if os.environ.get(SNAPSHOT_ENV) or args.experiments:
+        return main(argv)
     from keras_mfm import data
 
     state = os.path.expanduser(args.state or os.path.join(data.cache_dir(), "accuracy", budget_key(args)))

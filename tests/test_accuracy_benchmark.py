@@ -258,3 +258,28 @@ def test_experiments_publish_beside_the_study_not_over_it(bench):
         study, "experiments", "depth12-passes200")
     assert bench.parse_args(["--holdout", "50", "--results", "elsewhere"]).results == "elsewhere"
     assert bench.parse_args(["--radius", "4", "--results", ""]).results == ""
+
+
+def test_experiments_table_lists_every_published_experiment(tmp_path, bench, capsys):
+    def row(method, knn, finetune):
+        budget = {"passes": 2, "steps": 702, "batch_size": 128, "train_images": 45000, "depth": 4}
+        return {"method": method, "budget": budget, "cpu_minutes": 0.0 if method == "random" else 12.5,
+                "knn_cls": knn, "knn_mean": knn + 1, "linear_cls": 40.0, "linear_mean": 41.0, "finetune": finetune}
+
+    root = tmp_path / "experiments"
+    for experiment, rows in {"passes2-holdout5000": {"mae_throw": 31.0, "random": 27.5, "mae": 33.0},
+                             "passes2-holdout5000-radius4": {"mfm": 28.0}}.items():
+        (root / experiment).mkdir(parents=True)
+        for name, knn in rows.items():
+            (root / experiment / f"{name}.json").write_text(json.dumps(row(name, knn, knn - 5)))
+    results = bench.experiment_results(str(root))
+    assert list(results) == ["passes2-holdout5000: random", "passes2-holdout5000: mae",
+                             "passes2-holdout5000: mae_throw", "passes2-holdout5000-radius4: mfm"]
+    lines = bench.markdown_table(results).splitlines()
+    assert lines[2].startswith("| passes2-holdout5000: random | none | none | 27.50 | 28.50 |")
+    assert lines[4] == ("| passes2-holdout5000: mae_throw | 2 (702) | 12.5 | 31.00 | 32.00 | 40.00 | 41.00 | 26.00 "
+                        "|  |")
+    assert bench.experiment_results(str(tmp_path / "none")) == {}
+    bench.DEFAULT_RESULTS = str(tmp_path)  # main --experiments reads <results>/experiments
+    assert list(bench.main(["--experiments"])) == list(results)
+    assert "passes2-holdout5000-radius4: mfm" in capsys.readouterr().out
