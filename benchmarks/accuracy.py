@@ -103,7 +103,8 @@ def parse_args(argv=None):
     parser.add_argument("--plot", default=None, help="PNG of the k-NN learning curves against CPU time")
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--experiments", action="store_true",
-                        help="print the table of every published experiment (docs/results/cifar10/experiments) and exit")
+                        help="print the table of every published experiment (docs/results/cifar10/experiments), "
+                             "then exit")
     parser.add_argument("--threads", type=int, default=0,
                         help="PyTorch intra-op threads (0: PyTorch's default; 1 on a shared machine)")
     args = parser.parse_args(argv)
