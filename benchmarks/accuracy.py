@@ -31,7 +31,7 @@ study runs from a copy of the library in the state folder (`code/<digest of the 
 editing the work tree during the hours it runs cannot reach it. Each
 finished row is written as `--results/<row>.json` (default `docs/results/cifar10/` for the default
 study, `docs/results/cifar10/experiments/<the settings changed>/` for any other, e.g.
-`holdout5000-passes2`, so that an experiment never replaces a row of the study); the table
+`passes2-holdout5000`, so that an experiment never replaces a row of the study); the table
 (`table.md` in the state folder, printed) lists finished rows and names the pending ones.
 
 Tuning without the test split: `--holdout N` holds out a seeded N-image part of the training split
@@ -123,12 +123,16 @@ _REPORTING_SETTINGS = _NEUTRAL_SETTINGS + ("backend", "no_curves")
 
 def experiment_name(args, parser):
     """The settings that differ from the study's defaults, as a folder name ('' for the default
-    study), e.g. `holdout5000-passes2-radius4`."""
+    study), e.g. `passes2-radius4-holdout5000`; another data set than the default's archive adds
+    `data-<its name>`."""
     parts = []
     for key, value in vars(args).items():
         if key in _REPORTING_SETTINGS or value == parser.get_default(key):
             continue
         parts.append(key.replace("_", "-") + (f"{value:g}" if isinstance(value, float) else str(value)))
+    name = os.path.basename(os.path.normpath(str(args.data)))
+    if name != os.path.basename(DEFAULT_DATA):
+        parts.append("data-" + "".join(c if c.isalnum() or c in "._" else "_" for c in name))
     return "-".join(parts)
 
 

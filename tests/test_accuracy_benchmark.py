@@ -256,6 +256,11 @@ def test_experiments_publish_beside_the_study_not_over_it(bench):
     assert bench.parse_args(["--radius", "4"]).results == os.path.join(study, "experiments", "radius4")
     assert bench.parse_args(["--depth", "12", "--passes", "200"]).results == os.path.join(
         study, "experiments", "depth12-passes200")
+    assert bench.parse_args(["--data", os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")]).results \
+        == study  # the default archive, however it is written
+    assert bench.parse_args(["--data", "/data/my set/"]).results == os.path.join(study, "experiments", "data-my_set")
+    assert bench.parse_args(["--data", "tfds:cifar100", "--passes", "1"]).results == os.path.join(
+        study, "experiments", "passes1-data-tfds_cifar100")
     assert bench.parse_args(["--holdout", "50", "--results", "elsewhere"]).results == "elsewhere"
     assert bench.parse_args(["--radius", "4", "--results", ""]).results == ""
 
